@@ -1,0 +1,5 @@
+import sys
+
+from stacklm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""Held-out loss, perplexity and bits-per-byte of a model on a token store."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from stacklm.data.store import TokenStore
+from stacklm.objectives.causal import next_token_loss
+from stacklm.training.distributed import Dist
+
+
+@torch.no_grad()
+def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None,
+             device: torch.device, dtype: torch.dtype = torch.float32, dist: Dist | None = None) -> dict:
+    """Mean next-token loss over consecutive non-overlapping windows from the start of `store`.
+
+    bits-per-byte converts the loss with the split's measured UTF-8 bytes per token, so models
+    with different tokenizers compare.
+    """
+    dist = dist or Dist()
+    seq_len = min(seq_len, store.n_tokens - 1)
+    table = store.chunk_table(seq_len)
+    n_windows = int(table[-1])
+    if max_batches is not None:
+        n_windows = min(n_windows, max_batches * batch_size)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
+    mine = range(dist.rank * batch_size, n_windows, dist.world * batch_size)
+    for first in mine:
+        rows = [store.window(i, seq_len, table) for i in range(first, min(first + batch_size, n_windows))]
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(batch[:, :-1])
+        total[0] += next_token_loss(logits, batch[:, 1:], reduction="sum").double()
+        total[1] += batch[:, 1:].numel()
+    dist.all_reduce_sum(total)
+    model.train(was_training)
+    loss = (total[0] / total[1]).item()
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
+            "bpb": loss / math.log(2) / store.bytes_per_token, "tokens": int(total[1].item())}

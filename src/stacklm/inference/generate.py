@@ -1,0 +1,59 @@
+"""Autoregressive generation with the model's decode state (KV cache): prefill, then one token a step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k then nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
+             generator: torch.Generator | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Continue `prompt` (B, T) by up to max_new_tokens; returns (B, T + n) ids.
+
+    Stops when every sequence has produced `eos_id` (later positions of a finished sequence
+    repeat it) or at model.max_seq_len. `on_token` receives each new (B,) column as it is made.
+    """
+    was_training = model.training
+    model.eval()
+    b, t = prompt.shape
+    max_new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - t))
+    state = model.new_state(b, t + max_new_tokens)
+    logits = model(prompt, state)[:, -1]
+    out = [prompt]
+    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        out.append(token[:, None])
+        if on_token is not None:
+            on_token(token)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = model(token[:, None], state)[:, -1]
+    model.train(was_training)
+    return torch.cat(out, dim=1)

@@ -1,0 +1,93 @@
+"""Attention layers, chosen by `model.attention.kind`. Built as ATTENTION.build(options, model_config).
+
+An attention module takes `forward(x, position, cache)` and makes its own decode state with
+`new_cache(batch, max_len, dtype, device)`, so kinds with other state (a sliding window, a
+convolution's last inputs) keep it their own way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stacklm.registry import ATTENTION, ComponentConfig, option
+
+
+@dataclasses.dataclass
+class AttentionConfig(ComponentConfig):
+    kind: str = "full"
+    bias: bool = option(False, help="biases on the q/k/v and output projections")
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated to max_len.
+
+    `length` is the number of cached positions; the model advances it after each forward.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, Hkv, T, hd) -> all cached keys and values, (B, Hkv, length + T, hd)
+        end = self.length + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; {end} requested")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    """(t_q, t_k) boolean mask, True where query i (the last t_q of t_k positions) may look."""
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    return torch.arange(t_k, device=device)[None, :] <= q_pos
+
+
+@ATTENTION.register("full", AttentionConfig)
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with grouped-query heads (GQA; MQA when n_kv_heads=1)."""
+
+    def __init__(self, options: AttentionConfig, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.split = [self.n_heads * self.head_dim, 2 * self.n_kv_heads * self.head_dim]
+        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.split), bias=options.bias)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=options.bias)
+        self.dropout = cfg.dropout
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+        return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, position, cache: KVCache | None = None) -> torch.Tensor:
+        # x: (B, T, D)
+        b, t, _ = x.shape
+        start = cache.length if cache is not None else 0
+        q, kv = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k, v = kv.view(b, t, 2 * self.n_kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        q, k = position.rotate(q, k, start)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, start + T, hd)
+        y = self.attend(q, k, v, position.bias(t, k.size(2), start))
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def attend(self, q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
+        t_q, t_k = q.size(2), k.size(2)
+        dropout = self.dropout if self.training else 0.0
+        gqa = self.n_kv_heads != self.n_heads
+        if bias is None and t_q == t_k:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                  enable_gqa=gqa)
+        mask = causal_mask(t_q, t_k, q.device)
+        if bias is not None:
+            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              enable_gqa=gqa)

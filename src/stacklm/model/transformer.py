@@ -1,0 +1,117 @@
+"""The decoder-only Transformer, composed from the registered components named in ModelConfig."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from stacklm.config import Config, ModelConfig
+from stacklm.registry import ATTENTION, FFN, NORM, POSITION
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = NORM.build(cfg.norm, cfg.d_model)
+        self.attn = ATTENTION.build(cfg.attention, cfg)
+        self.ffn_norm = NORM.build(cfg.norm, cfg.d_model)
+        self.ffn = FFN.build(cfg.ffn, cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, position, cache=None) -> torch.Tensor:
+        # x: (B, T, D)
+        x = x + self.dropout(self.attn(self.attn_norm(x), position, cache))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class DecodeState:
+    """Per-layer decode state (e.g. KV caches) for incremental generation."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def advance(self, n: int) -> None:
+        for layer in self.layers:
+            layer.length += n
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position = POSITION.build(cfg.position, cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = NORM.build(cfg.norm, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm gains keep their own init; biases start at zero
+            nn.init.normal_(p, 0.0, residual_std if name.endswith("out_proj.weight") else std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
+        # idx: (B, T) -> logits (B, T, V)
+        start = state.length if state is not None else 0
+        if start + idx.size(1) > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds model.max_seq_len "
+                             f"({self.config.max_seq_len})")
+        x = self.drop(self.position.embed(self.embed(idx), start))
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.position, state.layers[i] if state is not None else None)
+        if state is not None:
+            state.advance(idx.size(1))
+        return self.lm_head(self.norm(x))
+
+    def new_state(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> DecodeState:
+        """Empty decode state for `batch` sequences of up to `max_len` tokens."""
+        max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
+        ref = self.lm_head.weight
+        return DecodeState([b.attn.new_cache(batch, max_len, dtype or ref.dtype, ref.device)
+                            for b in self.blocks])
+
+    def num_params(self, embedding: bool = True) -> int:
+        """Parameter count (shared tensors once); without the input embedding if embedding=False."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embedding and not self.config.tie_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """Matmul FLOPs per token, as in PaLM (Chowdhery et al. 2022, appendix B):
+        2N for the weight matmuls plus 4 * n_layers * seq_len * d_attn for the attention scores
+        and their weighted sum,
+        tripled for forward + backward."""
+        cfg = self.config
+        n_matmul = sum(p.numel() for name, p in self.named_parameters()
+                       if p.dim() == 2 and not name.startswith("embed."))
+        if cfg.tie_embeddings:
+            n_matmul += self.lm_head.weight.numel()
+        forward = 2 * n_matmul + 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+        return 3 * forward if training else forward
+
+
+def build_model(config: Config | ModelConfig) -> Transformer:
+    """A freshly initialised model for `config` (a whole Config or its ModelConfig)."""
+    cfg = config.model if isinstance(config, Config) else config
+    return Transformer(cfg)

@@ -1,0 +1,44 @@
+"""Run directories: `config.yaml`, `tokenizer.json`, `checkpoints/step_*/model.safetensors`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stacklm.config import Config
+from stacklm.data.tokenizer import Tokenizer
+from stacklm.errors import UserError
+from stacklm.model.transformer import Transformer, build_model
+from stacklm.training.checkpoint import Checkpointer, load_weights
+from stacklm.training.trainer import CONFIG_FILE, TOKENIZER_FILE
+
+
+@dataclass
+class Run:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: Config
+    checkpoint: Path
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> Run:
+    """The latest checkpoint of a run, its tokenizer and config; the model is in eval mode."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise UserError(f"{run_dir} is not a stacklm run directory (no {CONFIG_FILE})")
+    config = Config.load(run_dir / CONFIG_FILE)
+    checkpoint = Checkpointer(run_dir / "checkpoints").latest()
+    if checkpoint is None:
+        raise UserError(f"{run_dir} has no checkpoint yet")
+    model = build_model(config)
+    load_weights(model, checkpoint)
+    model.to(device=device, dtype=dtype).eval()
+    return Run(model, Tokenizer.load(run_dir / TOKENIZER_FILE), config, checkpoint)
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """The trained model of a run directory, in eval mode: model(ids (B, T)) -> logits (B, T, V)."""
+    return load_run(run_dir, device).model

@@ -1,0 +1,206 @@
+"""The training loop: it composes the data, the model, the optimizer, checkpoints and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stacklm.config import Config
+from stacklm.data import PackedLoader, Tokenizer, prepare_data
+from stacklm.errors import TrainingError, UserError
+from stacklm.evaluate import evaluate
+from stacklm.model.transformer import build_model
+from stacklm.registry import OBJECTIVE
+from stacklm.training.checkpoint import Checkpointer, load_state, load_weights
+from stacklm.training.distributed import Dist, init_distributed, shutdown, wrap_data_parallel
+from stacklm.training.metrics import MetricsLogger
+from stacklm.training.optim import build_optimizer, lr_at
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val: dict  # loss, ppl, bpb, tokens of the final validation
+    losses: list[float]  # training loss of each step this call ran
+    skipped_steps: int  # steps skipped for a non-finite loss or gradient, over the whole run
+
+
+def first_difference(a, b, prefix: str = "") -> str | None:
+    """Dotted key of the first field where two config dataclasses differ."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y) and type(x) is type(y):
+            found = first_difference(x, y, f"{prefix}{f.name}.")
+            if found:
+                return found
+        elif x != y:
+            return f"{prefix}{f.name}"
+    return None
+
+
+def prepare_run_dir(config: Config, info: Dist, resume: bool, overwrite: bool) -> tuple[Path, Checkpointer]:
+    run_dir = Path(config.train.out_dir)
+    ckpt = Checkpointer(run_dir / "checkpoints", config.train.keep_last)
+    latest = ckpt.latest()
+    if resume:
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint in {run_dir}/checkpoints to resume from")
+        saved = Config.load(run_dir / CONFIG_FILE)
+        for section in ("model", "data"):
+            key = first_difference(getattr(saved, section), getattr(config, section), f"{section}.")
+            if key:
+                raise UserError(f"--resume: {key} differs from the run's saved {run_dir / CONFIG_FILE}; "
+                                f"a resumed run keeps its model and data")
+    elif latest is not None and not overwrite:
+        raise UserError(f"{run_dir} already holds a run (checkpoint {latest.name}); pass --resume to "
+                        f"continue it, --overwrite to replace it, or set train.out_dir")
+    if info.main:
+        if overwrite and not resume:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            for name in ("metrics.jsonl", "tensorboard"):
+                path = run_dir / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / CONFIG_FILE)
+    info.barrier()
+    return run_dir, ckpt
+
+
+def train(config: Config, resume: bool = False, overwrite: bool = False,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train the model `config` describes; under torchrun, as one rank of data-parallel training."""
+    info, device = init_distributed(config.train.device)
+    try:
+        return _train(config, info, device, resume, overwrite, log if info.main else (lambda _: None))
+    finally:
+        shutdown(info)
+
+
+def _train(config: Config, info: Dist, device: torch.device, resume: bool, overwrite: bool,
+           log: Callable[[str], None]) -> TrainResult:
+    tcfg, seq_len = config.train, config.data.seq_len
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    if tcfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(tcfg.seed)
+    run_dir, ckpt = prepare_run_dir(config, info, resume, overwrite)
+
+    tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE) if resume else None
+    for turn in (0, 1):  # the main rank fills the cache first; the others then read it
+        if info.main == (turn == 0):
+            data = prepare_data(config.data, config.model.vocab_size, tokenizer,
+                                progress=tcfg.progress and info.main, log=log)
+        info.barrier()
+    if data.train is None:
+        raise UserError(f"data.source {config.data.source!r}: no training documents")
+    if info.main and not resume:
+        data.tokenizer.save(run_dir / TOKENIZER_FILE)
+
+    model = build_model(config).to(device)
+    objective = OBJECTIVE.build(tcfg.objective, data.tokenizer)
+    optimizer = build_optimizer(model, tcfg, device)
+    loader = PackedLoader(data.train, seq_len, tcfg.batch_size, tcfg.seed, rank=info.rank, world=info.world)
+    step, skipped = 0, 0
+    if resume:
+        latest = ckpt.latest()
+        load_weights(model, latest)
+        state = load_state(latest)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step, skipped = state["step"], state["skipped_steps"]
+        log(f"resuming {run_dir} from step {step}")
+    net = wrap_data_parallel(model, info, device)
+    if tcfg.compile:
+        net = torch.compile(net)
+
+    tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * info.world
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, "
+        f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token (train); "
+        f"{tokens_per_step} tokens/step on {info.world} x {device}")
+    autocast_dtype = torch.bfloat16 if tcfg.dtype == "bfloat16" else torch.float32
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=tcfg.dtype != "float32")
+    metrics = MetricsLogger(run_dir, enabled=info.main)
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not (tcfg.progress and info.main),
+               desc="train", dynamic_ncols=True)
+
+    def run_eval() -> dict:
+        return evaluate(model, data.val, seq_len, config.eval.batch_size, tcfg.eval_batches, device,
+                        autocast_dtype, info)
+
+    def save(at: int) -> Path | None:
+        if not info.main:
+            return None
+        state = {"step": at, "skipped_steps": skipped, "optimizer": optimizer.state_dict(),
+                 "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+        return ckpt.save(at, model, state)
+
+    losses: list[float] = []
+    in_a_row = 0
+    model.train()
+    while step < tcfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, tcfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(tcfg.grad_accum):
+            batch = next(loader).to(device, non_blocking=True)
+            last = micro == tcfg.grad_accum - 1
+            sync = contextlib.nullcontext() if info.world == 1 or last else net.no_sync()
+            with sync:
+                with autocast:
+                    loss = objective.loss(net, batch)
+                (loss / tcfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        mean_loss = info.all_reduce_sum(loss_sum / tcfg.grad_accum).item() / info.world
+        if torch.isfinite(grad_norm) and math.isfinite(mean_loss):
+            optimizer.step()
+            in_a_row = 0
+        else:
+            skipped += 1
+            in_a_row += 1
+            if in_a_row >= tcfg.max_nonfinite:
+                kept = ckpt.latest()
+                raise TrainingError(
+                    f"loss or gradient non-finite for {in_a_row} steps in a row (step {step + 1}); "
+                    f"stopped. Last checkpoint: {kept or 'none'}. Try a lower train.lr, "
+                    f"train.grad_clip, or train.dtype=float32")
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(mean_loss)
+        tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            metrics.log(step, "train", loss=mean_loss, lr=lr, grad_norm=float(grad_norm),
+                        tokens_per_s=tokens_per_s, skipped_steps=skipped)
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+            val = run_eval()
+            metrics.log(step, "val", **val)
+            bar.write(f"step {step}: val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}  bpb {val['bpb']:.4f}")
+        if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.steps:
+            save(step)
+    bar.close()
+    val = run_eval()
+    metrics.log(step, "val", **val)
+    metrics.close()
+    save(step)
+    info.barrier()
+    if skipped:
+        log(f"skipped {skipped} steps with a non-finite loss or gradient")
+    return TrainResult(run_dir, step, val, losses, skipped)
