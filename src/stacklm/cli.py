@@ -42,10 +42,12 @@ def cmd_train(args) -> None:
         overrides = [f"train.out_dir={resume_dir}", *overrides]
     config = Config.load(path, overrides)
     result = train(config, resume=bool(args.resume), overwrite=args.overwrite)
+    if not is_main_process():
+        return
     val = result.val
     print(f"validation after {result.step} steps: loss {val['loss']:.4f}  perplexity {val['ppl']:.2f}  "
           f"bits-per-byte {val['bpb']:.4f}  ({val['tokens']} tokens)")
-    if config.eval.sample_tokens and is_main_process():
+    if config.eval.sample_tokens:
         from stacklm.runs import load_run
 
         run = load_run(result.run_dir)
@@ -96,26 +98,21 @@ def stream_sample(run, prompt: str, max_new_tokens: int, temperature: float, top
     return prompt + shown
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def cmd_generate(args) -> None:
+    from stacklm.device import resolve_device, resolve_dtype
     from stacklm.runs import load_run
-    from stacklm.training.distributed import resolve_device
 
-    run = load_run(args.run, resolve_device(args.device), torch_dtype(args.dtype))
+    device = resolve_device(args.device)
+    run = load_run(args.run, device, resolve_dtype(args.dtype, device))
     temperature = 0.0 if args.greedy else args.temperature
     stream_sample(run, args.prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed)
 
 
 def cmd_eval(args) -> None:
     from stacklm.data import prepare_data
+    from stacklm.device import resolve_device
     from stacklm.evaluate import evaluate
     from stacklm.runs import load_run
-    from stacklm.training.distributed import resolve_device
 
     device = resolve_device(args.device)
     run = load_run(args.run, device)
@@ -186,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32",
+                   help="weight dtype for decoding (auto: bfloat16 where the hardware runs it natively)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run on any data",

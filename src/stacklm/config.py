@@ -30,7 +30,7 @@ PRESET_DIR = Path("configs")
 @dataclasses.dataclass
 class ModelConfig:
     arch: str = option("decoder", choices=("decoder",), help="model family")
-    vocab_size: int = option(8192, ge=300, help="vocabulary size (the tokenizer is trained to it)")
+    vocab_size: int = option(8192, ge=1, help="vocabulary size (the tokenizer is trained to it)")
     d_model: int = option(256, ge=1, help="residual stream width")
     n_layers: int = option(4, ge=1, help="number of transformer blocks")
     n_heads: int = option(4, ge=1, help="attention query heads")
@@ -87,8 +87,8 @@ class TrainConfig:
     beta2: float = option(0.95, ge=0.0, lt=1.0)
     eps: float = option(1e-8, gt=0.0)
     grad_clip: float = option(1.0, ge=0.0, help="max global grad norm (0: no clipping)")
-    dtype: str = option("float32", choices=("float32", "bfloat16"), help="autocast compute dtype; "
-                        "weights stay float32")
+    dtype: str = option("auto", choices=("auto", "float32", "bfloat16"), help="autocast compute dtype "
+                        "(weights stay float32); auto: bfloat16 where the hardware runs it natively")
     compile: bool = option(False, help="torch.compile the model")
     device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = option(1337, ge=0)
@@ -125,7 +125,7 @@ class Config:
     eval: EvalConfig = option(factory=EvalConfig)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "Config":
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
         """Read a YAML file (or a preset name from `configs/`) and apply `a.b=value` overrides."""
         raw: dict = {}
         if path is not None:
@@ -135,7 +135,7 @@ class Config:
         return cls.from_dict(raw)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Config":
+    def from_dict(cls, raw: dict) -> Config:
         config = build_dataclass(cls, raw, "")
         config.validate()
         return config

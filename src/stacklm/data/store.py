@@ -38,7 +38,7 @@ class TokenStore:
 
     @staticmethod
     def write(directory: str | Path, documents: Iterable[tuple[list[int], int]], eos_id: int,
-              vocab_size: int, shard_tokens: int = SHARD_TOKENS) -> "TokenStore":
+              vocab_size: int, shard_tokens: int = SHARD_TOKENS) -> TokenStore:
         """Write (token ids, byte count) documents; atomically: a temp dir renamed into place."""
         directory = Path(directory)
         tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")

@@ -38,7 +38,7 @@ class Tokenizer:
         return i
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, n_sentinels: int) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, n_sentinels: int) -> Tokenizer:
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -53,7 +53,7 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / FILE_NAME

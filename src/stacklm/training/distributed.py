@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stacklm.errors import UserError
+from stacklm.device import resolve_device
 
 
 @dataclass
@@ -32,22 +32,6 @@ class Dist:
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device: {name!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: cuda was asked for but no CUDA device is available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:

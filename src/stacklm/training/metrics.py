@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,19 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # TensorBoard is an optional extra
                 pass
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step`: a run resumed from that checkpoint will write them again."""
+        if not self.enabled:
+            return
+        path = Path(self.file.name)
+        self.file.close()
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a")
 
     def log(self, step: int, split: str, **values: float) -> None:
         if not self.enabled:

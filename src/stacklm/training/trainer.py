@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from stacklm.config import Config
 from stacklm.data import PackedLoader, Tokenizer, prepare_data
+from stacklm.device import resolve_dtype
 from stacklm.errors import TrainingError, UserError
 from stacklm.evaluate import evaluate
 from stacklm.model.transformer import build_model
@@ -50,7 +51,8 @@ def first_difference(a, b, prefix: str = "") -> str | None:
     return None
 
 
-def prepare_run_dir(config: Config, info: Dist, resume: bool, overwrite: bool) -> tuple[Path, Checkpointer]:
+def check_run_dir(config: Config, resume: bool, overwrite: bool) -> tuple[Path, Checkpointer]:
+    """Refuse to clobber a run, or to resume one with another model or data; writes nothing."""
     run_dir = Path(config.train.out_dir)
     ckpt = Checkpointer(run_dir / "checkpoints", config.train.keep_last)
     latest = ckpt.latest()
@@ -66,6 +68,10 @@ def prepare_run_dir(config: Config, info: Dist, resume: bool, overwrite: bool) -
     elif latest is not None and not overwrite:
         raise UserError(f"{run_dir} already holds a run (checkpoint {latest.name}); pass --resume to "
                         f"continue it, --overwrite to replace it, or set train.out_dir")
+    return run_dir, ckpt
+
+
+def init_run_dir(config: Config, run_dir: Path, info: Dist, resume: bool, overwrite: bool) -> None:
     if info.main:
         if overwrite and not resume:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -75,7 +81,6 @@ def prepare_run_dir(config: Config, info: Dist, resume: bool, overwrite: bool) -
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / CONFIG_FILE)
     info.barrier()
-    return run_dir, ckpt
 
 
 def train(config: Config, resume: bool = False, overwrite: bool = False,
@@ -96,7 +101,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(tcfg.seed)
-    run_dir, ckpt = prepare_run_dir(config, info, resume, overwrite)
+    run_dir, ckpt = check_run_dir(config, resume, overwrite)
 
     tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE) if resume else None
     for turn in (0, 1):  # the main rank fills the cache first; the others then read it
@@ -106,6 +111,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         info.barrier()
     if data.train is None:
         raise UserError(f"data.source {config.data.source!r}: no training documents")
+    init_run_dir(config, run_dir, info, resume, overwrite)
     if info.main and not resume:
         data.tokenizer.save(run_dir / TOKENIZER_FILE)
 
@@ -128,12 +134,14 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         net = torch.compile(net)
 
     tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * info.world
+    autocast_dtype = resolve_dtype(tcfg.dtype, device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, "
         f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token (train); "
-        f"{tokens_per_step} tokens/step on {info.world} x {device}")
-    autocast_dtype = torch.bfloat16 if tcfg.dtype == "bfloat16" else torch.float32
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=tcfg.dtype != "float32")
+        f"{tokens_per_step} tokens/step on {info.world} x {device}, {tcfg.dtype} -> {autocast_dtype}")
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
     metrics = MetricsLogger(run_dir, enabled=info.main)
+    if resume:
+        metrics.truncate_after(step)
     bar = tqdm(total=tcfg.steps, initial=step, disable=not (tcfg.progress and info.main),
                desc="train", dynamic_ncols=True)
 

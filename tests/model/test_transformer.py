@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from stacklm.config import Config
+from stacklm.model.transformer import build_model
+from stacklm.registry import ATTENTION, FFN, NORM, POSITION
+
+
+def small(*overrides):
+    return build_model(Config.load("configs/tiny.yaml", ["model.max_seq_len=64", *overrides])).eval()
+
+
+CASES = [(), ("model.n_kv_heads=2",), ("model.n_kv_heads=1",), ("model.ffn.kind=gelu",),
+         ("model.norm.kind=layernorm",), ("model.position.kind=none",), ("model.tie_embeddings=false",)]
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_causal(overrides):
+    model = small(*overrides)
+    x = torch.randint(0, 512, (2, 32))
+    y = x.clone()
+    y[:, 20:] = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(model(x)[:, :20], model(y)[:, :20])
+    assert not torch.allclose(model(x)[:, 20:], model(y)[:, 20:])
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_kv_cache_logits_equal_full_forward(overrides):
+    """Prefill a prompt, then decode one token at a time: every step's logits match the full pass."""
+    model = small(*overrides)
+    x = torch.randint(0, 512, (3, 40))
+    full = model(x)
+    state = model.new_state(3, 40)
+    steps = [model(x[:, :9], state)] + [model(x[:, t : t + 1], state) for t in range(9, 33)]
+    steps.append(model(x[:, 33:], state))  # a multi-token chunk after the prefix
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_gqa_shares_key_value_heads():
+    model = small("model.n_kv_heads=2")
+    attn = model.blocks[0].attn
+    d = model.config.d_model
+    assert attn.qkv_proj.weight.shape == (d + 2 * 2 * model.config.head_dim, d)
+
+
+def test_tied_embeddings_and_counts():
+    tied, untied = small(), small("model.tie_embeddings=false")
+    assert tied.lm_head.weight is tied.embed.weight
+    assert untied.num_params() - tied.num_params() == 512 * 64
+    # PaLM's estimate: 6 N + 12 L d T, with N the matmul parameters (the head counts, the lookup not)
+    cfg = tied.config
+    n = sum(p.numel() for n_, p in tied.named_parameters() if p.dim() == 2)
+    assert tied.flops_per_token(64) == 6 * n + 12 * cfg.n_layers * cfg.d_model * 64
+
+
+def test_init_scales_residual_projections():
+    model = build_model(Config.load("configs/tiny.yaml", ["model.d_model=256", "model.n_layers=8"]))
+    std = model.blocks[0].ffn.out_proj.weight.std().item()
+    assert abs(std - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+    assert abs(model.blocks[0].ffn.gate_up_proj.weight.std().item() - 0.02) < 0.002
+
+
+def test_registries_list_builtin_kinds():
+    assert set(ATTENTION.kinds) >= {"full"}
+    assert set(FFN.kinds) >= {"swiglu", "gelu"}
+    assert set(POSITION.kinds) >= {"rope", "none"}
+    assert set(NORM.kinds) >= {"rmsnorm", "layernorm"}
+
+
+def test_too_long_sequence_is_refused():
+    model = small()
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))

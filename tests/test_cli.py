@@ -1,0 +1,61 @@
+"""The CLI end to end on the tiny preset: train, generate, eval, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stacklm.cli import main
+
+
+@pytest.fixture
+def args(tmp_path, cache_dir):
+    return ["configs/tiny.yaml", f"train.out_dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}",
+            "train.progress=false", "train.steps=12"]
+
+
+def test_train_generate_eval(args, tmp_path, capsys):
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().out
+    assert "validation after 12 steps: loss" in out and "bits-per-byte" in out and "sample (40 tokens" in out
+    run = str(tmp_path / "run")
+    assert main(["generate", run, "--prompt", "import ", "--max-new-tokens", "10", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    assert main(["eval", run, "--json", "--batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"loss", "ppl", "bpb", "tokens"} and result["tokens"] == 2 * 8 * 64
+    text = tmp_path / "other.txt"
+    text.write_text("print('hello world')\n" * 200)
+    assert main(["eval", run, "--data", str(text)]) == 0
+    assert f"{text}: loss" in capsys.readouterr().out
+    assert main(["train", "--resume", run, "train.steps=14"]) == 0
+    assert "validation after 14 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "configs/tiny.yaml", "model.d_modle=3"], "unknown config key model.d_modle"),
+    (["train", "configs/missing.yaml"], "config file not found"),
+    (["train", "configs/tiny.yaml", "data.source=/no/such/dir"], "does not exist"),
+    (["train", "configs/tiny.yaml", "oops"], "not of the form section.key=value"),
+    (["generate", "/no/such/run"], "not a stacklm run directory"),
+    (["eval", "/no/such/run"], "not a stacklm run directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not Path("runs/tiny").exists()  # nothing written for a run that could not start
+
+
+def test_config_command_prints_resolved_yaml(capsys):
+    assert main(["config", "tiny", "model.d_model=32"]) == 0
+    assert "d_model: 32" in capsys.readouterr().out
+
+
+def test_help_explains_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "generate", "eval", "export", "import-hf"):
+        assert command in out

@@ -1,0 +1,111 @@
+import math
+import shutil
+
+import pytest
+import torch
+
+from stacklm.errors import TrainingError, UserError
+from stacklm.objectives.causal import CausalLM
+from stacklm.runs import load_run
+from stacklm.training.checkpoint import Checkpointer
+from stacklm.training.metrics import read_metrics
+from stacklm.training.optim import lr_at, param_groups
+from stacklm.training.trainer import train
+
+QUIET = dict(log=lambda m: None)
+EXACT = ("train.deterministic=true", "train.dtype=float32", "train.log_every=1", "train.threads=1")
+
+
+def test_training_reduces_loss_and_writes_a_run(tiny):
+    result = train(tiny("train.steps=40", "train.ckpt_every=15", "train.eval_every=20"), **QUIET)
+    assert result.step == 40 and len(result.losses) == 40
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5
+    run = result.run_dir
+    assert (run / "config.yaml").exists() and (run / "tokenizer.json").exists()
+    assert [p.name for p in Checkpointer(run / "checkpoints").all()] == ["step_00000030", "step_00000040"]
+    val = read_metrics(run, "val")
+    assert [r["step"] for r in val] == [20, 40]
+    assert val[-1]["bpb"] == pytest.approx(val[-1]["loss"] / math.log(2) / (val[-1]["loss"] / val[-1]["bpb"] / math.log(2)))
+    assert math.isclose(val[-1]["ppl"], math.exp(val[-1]["loss"]), rel_tol=1e-6)
+    model = load_run(run).model
+    assert not model.training
+
+
+def test_resume_is_bitwise_exact(tiny, tmp_path):
+    """N steps straight == N/2 steps, a crash, resume, N/2 more: the same losses, bit for bit."""
+    run = ("train.steps=16", "train.ckpt_every=8", "train.keep_last=5", *EXACT)
+    straight = train(tiny(*run, f"train.out_dir={tmp_path / 'a'}"), **QUIET)
+    crashed = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", crashed)  # as if killed after the step-8 checkpoint
+    shutil.rmtree(crashed / "checkpoints" / "step_00000016")
+    (crashed / "checkpoints" / "latest").unlink()
+    rest = train(tiny(*run, f"train.out_dir={crashed}"), resume=True, **QUIET)
+    assert rest.losses == straight.losses[8:]
+    assert [r["step"] for r in read_metrics(crashed, "train")] == list(range(1, 17))
+    a = load_run(tmp_path / "a").model.state_dict()
+    b = load_run(tmp_path / "b").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_is_not_overwritten(tiny):
+    train(tiny("train.steps=2"), **QUIET)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny("train.steps=2"), **QUIET)
+    train(tiny("train.steps=3"), overwrite=True, **QUIET)
+    with pytest.raises(UserError, match="model.d_model differs"):
+        train(tiny("train.steps=5", "model.d_model=32"), resume=True, **QUIET)
+
+
+def test_resume_without_checkpoint_is_an_error(tiny):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(tiny(), resume=True, **QUIET)
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tiny, monkeypatch):
+    real = CausalLM.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, model, batch):
+        calls["n"] += 1
+        loss = real(self, model, batch)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(CausalLM, "loss", sometimes_nan)
+    result = train(tiny("train.steps=8", "train.ckpt_every=2"), **QUIET)
+    assert result.skipped_steps == 2
+    assert all(math.isfinite(p.sum().item()) for p in load_run(result.run_dir).model.parameters())
+
+    monkeypatch.setattr(CausalLM, "loss", lambda self, model, batch: real(self, model, batch) * float("inf"))
+    with pytest.raises(TrainingError, match="non-finite for 5 steps in a row"):
+        train(tiny("train.steps=20"), resume=False, overwrite=True, **QUIET)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings(tiny):
+    from stacklm.model.transformer import build_model
+
+    model = build_model(tiny("model.attention.bias=true"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert model.embed.weight in [p for p in no_decay["params"]]
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor(tiny):
+    tcfg = tiny("train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1").train
+    lrs = [lr_at(s, tcfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lr_at(100, tcfg) == pytest.approx(0.1)
+
+
+def test_grad_accumulation_matches_a_bigger_batch(tiny, tmp_path):
+    one = train(tiny("train.steps=3", "train.batch_size=8", *EXACT, f"train.out_dir={tmp_path / 'a'}"), **QUIET)
+    acc = train(tiny("train.steps=3", "train.batch_size=4", "train.grad_accum=2", *EXACT,
+                     f"train.out_dir={tmp_path / 'b'}"), **QUIET)
+    assert acc.losses == pytest.approx(one.losses, rel=1e-4)
+
+
+def test_bf16_autocast_trains(tiny):
+    result = train(tiny("train.steps=10", "train.dtype=bfloat16"), **QUIET)
+    assert all(math.isfinite(x) for x in result.losses)
+    assert load_run(result.run_dir).model.embed.weight.dtype == torch.float32
