@@ -65,3 +65,21 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
 def test_max_bytes_stops_early():
     docs, report = read_documents("default", max_bytes=200_000)
     assert 200_000 <= report.bytes < 200_000 + max(d.n_bytes for d in docs)
+
+
+def test_hf_datasets_source(monkeypatch):
+    """hf:NAME[:split] goes through datasets.load_dataset (faked here: tests never download)."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return [{"text": "from the hub"}, {"text": None}, {"text": "another"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    docs, report = read_documents("hf:user/corpus:validation")
+    assert calls == [("user/corpus", "validation")]
+    assert [d.text for d in docs] == ["from the hub", "another"]
+    assert report.skipped == {"records without a string 'text'": 1}

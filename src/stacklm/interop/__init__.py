@@ -1,0 +1,1 @@
+"""Conversions between stacklm runs and other model formats (Hugging Face Llama)."""
