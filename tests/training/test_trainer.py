@@ -109,3 +109,16 @@ def test_bf16_autocast_trains(tiny):
     result = train(tiny("train.steps=10", "train.dtype=bfloat16"), **QUIET)
     assert all(math.isfinite(x) for x in result.losses)
     assert load_run(result.run_dir).model.embed.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny, tmp_path):
+    eager = train(tiny("train.steps=4", *EXACT, f"train.out_dir={tmp_path / 'a'}"), **QUIET)
+    compiled = train(tiny("train.steps=4", "train.compile=true", *EXACT, f"train.out_dir={tmp_path / 'b'}"), **QUIET)
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-3)
+
+
+def test_tensorboard_events_when_installed(tiny):
+    pytest.importorskip("tensorboard")
+    result = train(tiny("train.steps=2"), **QUIET)
+    assert any((result.run_dir / "tensorboard").iterdir())

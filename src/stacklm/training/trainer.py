@@ -87,19 +87,21 @@ def train(config: Config, resume: bool = False, overwrite: bool = False,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train the model `config` describes; under torchrun, as one rank of data-parallel training."""
     info, device = init_distributed(config.train.device)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        torch.use_deterministic_algorithms(config.train.deterministic or deterministic)
         return _train(config, info, device, resume, overwrite, log if info.main else (lambda _: None))
     finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
         shutdown(info)
 
 
 def _train(config: Config, info: Dist, device: torch.device, resume: bool, overwrite: bool,
            log: Callable[[str], None]) -> TrainResult:
     tcfg, seq_len = config.train, config.data.seq_len
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
-    if tcfg.deterministic:
-        torch.use_deterministic_algorithms(True)
     torch.manual_seed(tcfg.seed)
     run_dir, ckpt = check_run_dir(config, resume, overwrite)
 
