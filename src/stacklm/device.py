@@ -41,3 +41,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def keep_freed_memory_on_cpu() -> bool:
+    """Make glibc malloc serve large tensors from its heap and keep freed memory for reuse.
+
+    By default glibc maps every allocation over 32 MB afresh and unmaps it on free, so each
+    training step page-faults its logits, activations and gradients in again: on a 2-core CPU
+    that was 30% of a step's time as system time. PyTorch's advice is to preload jemalloc or
+    tcmalloc, which a running process cannot do; mallopt gets the same reuse from glibc. The
+    cost is that the process keeps its peak memory until it exits. Returns whether it applied.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from stacklm.config import Config
 from stacklm.data import PackedLoader, Tokenizer, prepare_data
-from stacklm.device import resolve_dtype
+from stacklm.device import keep_freed_memory_on_cpu, resolve_dtype
 from stacklm.errors import TrainingError, UserError
 from stacklm.evaluate import evaluate
 from stacklm.model.transformer import build_model
@@ -102,6 +102,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False,
 def _train(config: Config, info: Dist, device: torch.device, resume: bool, overwrite: bool,
            log: Callable[[str], None]) -> TrainResult:
     tcfg, seq_len = config.train, config.data.seq_len
+    if device.type == "cpu":
+        keep_freed_memory_on_cpu()
     torch.manual_seed(tcfg.seed)
     run_dir, ckpt = check_run_dir(config, resume, overwrite)
 
