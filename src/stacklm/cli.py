@@ -12,7 +12,7 @@ EPILOG = """examples:
   stacklm train configs/default.yaml                     train on the built-in corpus
   stacklm train configs/tiny.yaml train.steps=100 model.d_model=128
   stacklm train --resume runs/default train.steps=2000   continue (and extend) a run
-  torchrun --nproc_per_node 2 -m stacklm.cli train configs/default.yaml
+  torchrun --standalone --nproc_per_node 2 --no-python stacklm train configs/default.yaml
   stacklm generate runs/default --prompt "def main(" --max-new-tokens 100
   stacklm eval runs/default --data 'docs/**/*.md'
   stacklm export runs/default --format hf out/llama
