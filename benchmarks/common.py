@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -16,8 +19,8 @@ def time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in turns (A B A B ...) so drift hits all alike."""
+def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, timed in turns (A B A B ...) so drift hits all alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -25,21 +28,51 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(time_once(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, rounds: int = 5) -> float:
-    """FLOP/s of a large square matmul in `dtype` on this machine (median of `rounds`)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = alternate({"mm": lambda: a @ b}, rounds)["mm"]
-    return 2 * n**3 / seconds
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def speedup(baseline: list[float], candidate: list[float]) -> float:
+    """Median over rounds of baseline time / candidate time, each pair timed back to back.
+
+    On a shared machine the load moves between rounds; the ratio within a round moves less.
+    """
+    return statistics.median(b / c for b, c in zip(baseline, candidate, strict=True))
+
+
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072), rounds: int = 5) -> float:
+    """FLOP/s of the fastest large square matmul in `dtype` on this machine (median of `rounds`)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        seconds = median(alternate({"mm": functools.partial(torch.mm, a, b)}, rounds, warmup=2)["mm"])
+        best = max(best, 2 * n**3 / seconds)
+    return best
 
 
 def read_bandwidth(n_bytes: int = 1 << 30, rounds: int = 5) -> float:
     """Bytes/s read by a reduction over a tensor much larger than the caches."""
     x = torch.ones(n_bytes // 4, dtype=torch.float32)
-    seconds = alternate({"sum": lambda: x.sum()}, rounds)["sum"]
-    return n_bytes / seconds
+    return n_bytes / median(alternate({"sum": lambda: x.sum()}, rounds)["sum"])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def load_average() -> str:
+    """The 1-minute load average: above the CPU count, other processes shared the machine."""
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 def headline(metric: str, value: float, target: float | None, unit: str) -> None:

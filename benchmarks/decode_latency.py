@@ -2,11 +2,17 @@
 weights, and against the memory-bandwidth bound.
 
 The bound: each new token reads every weight matrix once (the embedding lookup reads one row), so
-a token cannot take less than (matrix weight bytes) / (measured read bandwidth). Greedy decoding;
-both libraries produce the same number of tokens (HF with min_new_tokens); timings alternate and
-take medians.
+a token cannot take less than (matrix weight bytes) / (read bandwidth), the bandwidth measured in
+every round as a sum over 1 GiB. Greedy decoding
+of a 16-token prompt; both libraries produce the same number of tokens (HF with min_new_tokens),
+and the table shows how many of them match HF's. stacklm runs as `generate(...)` (eager) and as
+`generate(..., compile=True)` (compiled one-token step; its compilation is in the warmup).
+All calls take turns (A B A B ...). ms/token is one decode step: the time of generating N tokens
+less that of generating 1 (the prompt's prefill and the first token), over N - 1, median of the
+rounds; end-to-end ms/token is the whole call over N. Each speed-up is the median of the
+per-round ratios of step times.
 
-    python benchmarks/decode_latency.py [--quick]
+    python -m benchmarks.decode_latency [--quick]
 """
 
 from __future__ import annotations
@@ -17,11 +23,22 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import stacklm
-from benchmarks.common import alternate, headline, read_bandwidth, table
+from benchmarks.common import (
+    alternate,
+    headline,
+    load_average,
+    machine,
+    median,
+    read_bandwidth,
+    speedup,
+    table,
+)
 from stacklm.interop.hf import weight_map
 
-SMALL = dict(d_model=512, n_layers=8, n_heads=8, d_ff=1376, vocab=8192)  # ~30M parameters
-LARGE = dict(d_model=1024, n_layers=24, n_heads=16, d_ff=2816, vocab=32000)  # ~340M parameters
+SMALL = dict(d_model=512, n_layers=8, n_heads=8, d_ff=1376, vocab=8192)  # 34M parameters
+LARGE = dict(d_model=1024, n_layers=24, n_heads=16, d_ff=2816, vocab=32000)  # 374M parameters
+MEDIUM = dict(d_model=1024, n_layers=8, n_heads=16, d_ff=2816, vocab=32000)  # 168M, for --quick
+PROBE_BYTES = 1 << 30  # read by the bandwidth probe: far beyond the caches
 
 
 def build(d_model, n_layers, n_heads, d_ff, vocab, max_len=1024):
@@ -53,46 +70,76 @@ def matrix_bytes(model) -> int:
 
 
 def decoders(model, hf, prompt, new_tokens) -> dict:
-    """Greedy decoding of exactly new_tokens tokens by each library."""
+    """Greedy decoding of exactly new_tokens tokens by each implementation."""
     return {"stacklm": lambda: stacklm.generate(model, prompt, new_tokens, temperature=0),
+            "stacklm compiled": lambda: stacklm.generate(model, prompt, new_tokens, temperature=0, compile=True),
             "hf": lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                       do_sample=False, use_cache=True, pad_token_id=0)}
 
 
+def agreement(a: torch.Tensor, b: torch.Tensor, prompt_len: int) -> str:
+    """How many new tokens two greedy decodings share before they first differ."""
+    differ = (a[0, prompt_len:] != b[0, prompt_len:]).nonzero()
+    n = a.size(1) - prompt_len
+    return f"{int(differ[0, 0]) if len(differ) else n}/{n}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer tokens and rounds; an 8-layer (168M) model in place of the 374M one")
     args = parser.parse_args()
     torch.manual_seed(0)
-    prompt_len, rounds = 16, 3 if args.quick else 5
-    bandwidth = read_bandwidth()
-    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; {torch.get_num_threads()} threads")
+    prompt_len, rounds = 16, 2 if args.quick else 5
+    print(f"machine: {machine()}; load average {load_average()}")
+    print(f"read bandwidth before: {read_bandwidth() / 1e9:.1f} GB/s")
+    # The bandwidth a VM gets moves with its neighbours, so each round measures it next to the decoding.
+    probe = torch.ones(PROBE_BYTES // 4)
+    large_label, large = ("168M", MEDIUM) if args.quick else ("374M", LARGE)
+    cases = [("34M", SMALL, torch.float32, 32 if args.quick else 128),
+             (large_label, large, torch.float32, 16 if args.quick else 64),
+             (large_label, large, torch.bfloat16, 16 if args.quick else 64)]
     rows, figures = [], {}
-    cases = [("30M", SMALL, torch.float32, 32 if args.quick else 128),
-             ("340M", LARGE, torch.float32, 8 if args.quick else 32),
-             ("340M", LARGE, torch.bfloat16, 8 if args.quick else 32)]
     for label, dims, dtype, new_tokens in cases:
         model = build(**dims).to(dtype)
         hf = to_hf(model)
         prompt = torch.randint(0, dims["vocab"], (1, prompt_len))
-        with torch.inference_mode():
-            same = torch.equal(*(decode() for decode in decoders(model, hf, prompt, new_tokens).values()))
-            seconds = alternate(decoders(model, hf, prompt, new_tokens), rounds)
-        bound_ms = 1000 * matrix_bytes(model) / bandwidth
-        ms = {k: 1000 * v / new_tokens for k, v in seconds.items()}
+        full, prefill = decoders(model, hf, prompt, new_tokens), decoders(model, hf, prompt, 1)
+        outputs = {impl: decode() for impl, decode in full.items()}  # the warmup compiles stacklm's step
+        times = alternate({**full, **{f"{impl} prefill": f for impl, f in prefill.items()},
+                           "bandwidth probe": probe.sum}, rounds)
+        # a decode step: (generate new_tokens - generate 1 token) / (new_tokens - 1), round by round
+        steps = {impl: [(t - t1) / (new_tokens - 1) for t, t1 in zip(times[impl], times[f"{impl} prefill"],
+                                                                       strict=True)]
+                 for impl in full}
+        bounds = [matrix_bytes(model) * t / PROBE_BYTES for t in times["bandwidth probe"]]  # s/token
         name = f"{label} {str(dtype).removeprefix('torch.')}"
-        rows.append([name, f"{model.num_params() / 1e6:.0f}M", round(ms["stacklm"], 2), round(ms["hf"], 2),
-                     f"{ms['hf'] / ms['stacklm']:.2f}x", round(bound_ms, 2),
-                     f"{ms['stacklm'] / bound_ms:.2f}x", "yes" if same else "no"])
-        figures[name] = (ms["hf"] / ms["stacklm"], ms["stacklm"] / bound_ms)
-        del model, hf
-    print(table(rows, ["model", "params", "stacklm ms/token", "HF ms/token", "speed-up", "bound ms/token",
-                       "stacklm / bound", "same tokens"]))
-    headline("decode_speedup_vs_hf", figures["30M float32"][0], 2.0, "x (HF ms/token / stacklm ms/token, 30M)")
-    headline("decode_vs_bandwidth_bound", figures["340M float32"][1], 1.5,
-             "x (stacklm ms/token / bandwidth bound, 340M float32)")
-    headline("decode_vs_bandwidth_bound_bf16", figures["340M bfloat16"][1], 1.5,
-             "x (stacklm ms/token / bandwidth bound, 340M bfloat16)")
+        for impl, ts in steps.items():
+            ms, ratio = 1000 * median(ts), speedup(steps["hf"], ts)
+            to_bound = median([t / b for t, b in zip(ts, bounds, strict=True)])
+            end_to_end = 1000 * median(times[impl]) / new_tokens
+            rows.append([name, impl, f"{ms:.2f}", f"{ratio:.2f}x", f"{to_bound:.2f}x", f"{end_to_end:.2f}",
+                         agreement(outputs[impl], outputs["hf"], prompt_len)])
+            figures[name, impl] = ratio, to_bound
+        print(f"{name}: {matrix_bytes(model) / 1e6:.0f} MB of matrices; read bandwidth "
+              f"{PROBE_BYTES / median(times['bandwidth probe']) / 1e9:.1f} GB/s (median of the rounds), "
+              f"so a bound of {1000 * median(bounds):.2f} ms/token")
+        del model, hf, full, prefill, outputs
+    print(f"load average after: {load_average()}")
+    print(table(rows, ["model", "implementation", "ms/token", "vs HF", "/ bound", "end-to-end ms/token",
+                       "tokens as HF's"]))
+    small, large_fp32, large_bf16 = (f"{label} {dt}" for label, dt in
+                                     (("34M", "float32"), (large_label, "float32"), (large_label, "bfloat16")))
+    headline("decode_speedup_vs_hf", figures[small, "stacklm compiled"][0], 2.0,
+             "x (HF ms/token / stacklm compiled ms/token, 34M float32)")
+    headline("decode_speedup_vs_hf_eager", figures[small, "stacklm"][0], None,
+             "x (HF ms/token / stacklm eager ms/token, 34M float32)")
+    headline("decode_vs_bandwidth_bound", figures[large_fp32, "stacklm compiled"][1], 1.5,
+             f"x (stacklm compiled ms/token / bandwidth bound, {large_fp32})")
+    headline("decode_vs_bandwidth_bound_bf16", figures[large_bf16, "stacklm compiled"][1], 1.5,
+             f"x (stacklm compiled ms/token / bandwidth bound, {large_bf16})")
+    headline("decode_vs_bandwidth_bound_eager", figures[large_fp32, "stacklm"][1], None,
+             f"x (stacklm eager ms/token / bandwidth bound, {large_fp32})")
 
 
 if __name__ == "__main__":

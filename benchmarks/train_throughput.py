@@ -1,11 +1,15 @@
 """Training tokens/s of stacklm against transformers' LlamaForCausalLM with identical dimensions.
 
-One full step each (forward, float32 cross-entropy, backward, fused AdamW step), in one process,
-alternating stacklm and HF, medians; float32 eager and bf16 autocast (float32 master weights);
-stacklm also under torch.compile unless --no-compile. MFU is model FLOPs/s (PaLM's estimate,
-`Transformer.flops_per_token`) over this machine's measured matmul peak for that dtype.
+One full step each: forward, float32 cross-entropy (stacklm's `next_token_loss`, the same function
+for both), backward, fused AdamW step (stacklm's parameter groups, for both). One process; the
+implementations take turns (A B A B ...) after warmup; step times are medians and each speed-up is
+the median of the per-round ratios. float32 eager, and bf16 autocast with float32 master weights;
+stacklm also under torch.compile unless --quick or --no-compile. Both run with the allocator
+setting stacklm's trainer applies on CPU (`keep_freed_memory_on_cpu`). MFU is model FLOPs/s
+(PaLM's estimate, `Transformer.flops_per_token`) over the fastest large square matmul measured here
+in the same dtype.
 
-    python benchmarks/train_throughput.py [--quick]
+    python -m benchmarks.train_throughput [--quick]
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import stacklm
-from benchmarks.common import alternate, headline, matmul_peak, table
+from benchmarks.common import alternate, headline, load_average, machine, matmul_peak, median, speedup, table
 from stacklm.device import keep_freed_memory_on_cpu
+from stacklm.objectives.causal import next_token_loss
+from stacklm.training.optim import param_groups
 
 
 def build(d_model, n_layers, n_heads, d_ff, vocab, seq_len):
@@ -34,13 +40,12 @@ def build(d_model, n_layers, n_heads, d_ff, vocab, seq_len):
 
 
 def step_fn(model, batch, dtype, logits_of):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            logits = logits_of(model(inputs))
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss = next_token_loss(logits_of(model(inputs)), targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -50,42 +55,48 @@ def step_fn(model, batch, dtype, logits_of):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4 layers, fewer rounds, no compile")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="4 layers, 3 rounds, no compile")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3 quick, 15 full)")
+    parser.add_argument("--no-compile", action="store_true", help="skip stacklm under torch.compile")
     args = parser.parse_args()
-    keep_freed_memory_on_cpu()  # the same allocator for both libraries
+    keep_freed_memory_on_cpu()
     torch.manual_seed(0)
     dims = dict(d_model=512, n_layers=4 if args.quick else 8, n_heads=8, d_ff=1376, vocab=8192, seq_len=256)
-    batch_size, rounds = 8, args.rounds or (3 if args.quick else 7)
+    batch_size, rounds = 8, args.rounds or (3 if args.quick else 15)
     compile_too = not (args.quick or args.no_compile)
     ours, hf = build(**dims)
     batch = torch.randint(0, dims["vocab"], (batch_size, dims["seq_len"] + 1))
     tokens = batch_size * dims["seq_len"]
     flops = ours.flops_per_token(dims["seq_len"])
+    print(f"machine: {machine()}; load average {load_average()}")
     print(f"model: {dims}, batch {batch_size}: {ours.num_params() / 1e6:.1f}M parameters, "
-          f"{flops / 1e6:.0f} MFLOPs/token; {torch.get_num_threads()} threads")
+          f"{flops / 1e6:.0f} MFLOPs/token; {rounds} rounds")
 
-    rows, results = [], {}
+    rows, figures = [], {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         peak = matmul_peak(dtype)
+        print(f"{name}: matmul peak {peak / 1e9:.0f} GFLOP/s")
         fns = {"stacklm": step_fn(ours, batch, dtype, lambda out: out),
                "hf": step_fn(hf, batch, dtype, lambda out: out.logits)}
-        if compile_too:
-            compiled = torch.compile(ours)
-            fns["stacklm compiled"] = step_fn(compiled, batch, dtype, lambda out: out)
-        seconds = alternate(fns, rounds, warmup=2 if compile_too else 1)
-        for impl, s in seconds.items():
-            rate = tokens / s
-            rows.append([name, impl, round(s * 1000), round(rate), f"{rate / (tokens / seconds['hf']):.2f}x",
-                         f"{100 * flops * rate / peak:.1f}%"])
-        best = min(v for k, v in seconds.items() if k.startswith("stacklm"))
-        results[name] = (seconds["hf"] / seconds["stacklm"], seconds["hf"] / best, flops * tokens / best / peak)
-        print(f"{name}: matmul peak {peak / 1e9:.0f} GFLOP/s")
+        if compile_too:  # shares the eager model's parameters; its own optimizer state
+            fns["stacklm compiled"] = step_fn(torch.compile(ours), batch, dtype, lambda out: out)
+        times = alternate(fns, rounds, warmup=2)
+        for impl, ts in times.items():
+            rate = tokens / median(ts)
+            ratio = speedup(times["hf"], ts)
+            mfu = flops * rate / peak
+            rows.append([name, impl, round(1000 * median(ts)), round(rate), f"{ratio:.3f}x", f"{100 * mfu:.1f}%"])
+            figures[name, impl] = ratio, mfu
+    print(f"load average after: {load_average()}")
     print(table(rows, ["dtype", "implementation", "ms/step", "tokens/s", "vs HF", "MFU"]))
-    headline("train_speedup_fp32", results["fp32"][0], 1.0, "x (stacklm eager / HF tokens/s)")
-    headline("train_speedup_bf16", results["bf16"][1], 1.3, "x (best stacklm / HF tokens/s)")
-    headline("mfu_bf16", results["bf16"][2], None, "fraction of measured bf16 matmul peak")
+    best = "stacklm compiled" if compile_too else "stacklm"
+    headline("train_speedup_fp32", figures["fp32", "stacklm"][0], 1.0, "x (stacklm eager / HF tokens/s, fp32)")
+    headline("train_speedup_bf16", figures["bf16", best][0], 1.3, f"x ({best} / HF tokens/s, bf16)")
+    headline("train_speedup_bf16_eager", figures["bf16", "stacklm"][0], None, "x (stacklm eager / HF, bf16)")
+    if compile_too:
+        headline("train_speedup_fp32_compiled", figures["fp32", best][0], None, f"x ({best} / HF, fp32)")
+    headline("mfu_fp32", figures["fp32", best][1], None, f"fraction of fp32 matmul peak ({best})")
+    headline("mfu_bf16", figures["bf16", best][1], None, f"fraction of bf16 matmul peak ({best})")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -30,11 +31,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
              generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False) -> torch.Tensor:
     """Continue `prompt` (B, T) by up to max_new_tokens; returns (B, T + n) ids.
 
     Stops when every sequence has produced `eos_id` (later positions of a finished sequence
     repeat it) or at model.max_seq_len. `on_token` receives each new (B,) column as it is made.
+    compile=True runs the one-token steps through `compiled_decode_step(model)`: the first call
+    compiles for tens of seconds, later tokens come several times faster on CPU.
     """
     was_training = model.training
     model.eval()
@@ -42,6 +45,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     max_new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - t))
     state = model.new_state(b, t + max_new_tokens)
     logits = model(prompt, state)[:, -1]
+    step = compiled_decode_step(model) if compile else model
     out = [prompt]
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
@@ -54,6 +58,41 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
             on_token(token)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = model(token[:, None], state)[:, -1]
+        logits = step(token[:, None], state)[:, -1]
     model.train(was_training)
     return torch.cat(out, dim=1)
+
+
+def compiled_decode_step(model) -> Callable:
+    """`model` compiled for one-token steps: `step(ids (B, 1), state) -> logits (B, 1, V)`.
+
+    Shapes are dynamic, so one graph serves every cache length. Each matmul with a single row
+    (all of them at batch 1) becomes a reduction over the weight's contiguous rows, and decoding a
+    token is little else: on a 2-core Zen 4, MKL's matrix-vector product read the weights at
+    10 GB/s, Inductor's fused reduction at 27, of a measured 30 GB/s memory bandwidth.
+    """
+    return functools.partial(_compiled_forward(), model)
+
+
+def _forward(model, ids: torch.Tensor, state) -> torch.Tensor:
+    return model(ids, state)
+
+
+@functools.cache
+def _compiled_forward():
+    return torch.compile(_forward, dynamic=True, backend=_matvec_inductor)
+
+
+def _matvec_inductor(gm, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = {**select_decomp_table(), torch.ops.aten.mm.default: _matvec_as_reduction}
+    return compile_fx(gm, example_inputs, decompositions=table)
+
+
+def _matvec_as_reduction(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None):
+    # a: (1, K), b: (K, N) -> (1, N), accumulated in float32
+    if a.size(0) != 1 or out_dtype is not None:
+        return NotImplemented
+    return (a.float().unsqueeze(2) * b.float().unsqueeze(0)).sum(dim=1).to(a.dtype)

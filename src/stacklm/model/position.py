@@ -52,9 +52,32 @@ class Position(nn.Module):
         return None
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for the two halves of the last dim of x."""
+    # x: (..., T, hd); cos, sin: (T, hd/2)
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    if torch.compiler.is_compiling():  # Inductor fuses this into one kernel (and cannot trace out=)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    # Eager PyTorch would make a full-size temporary per operation; write into one buffer instead.
+    out = torch.empty_like(x)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+class Rotate(torch.autograd.Function):
+    """`rotate` with autograd: a rotation's gradient is the rotation by the opposite angle."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, -sin), None, None
 
 
 @POSITION.register("rope", RoPEConfig)
@@ -69,8 +92,7 @@ class RotaryPosition(Position):
         super().__init__(options, cfg)
         hd = cfg.head_dim
         inv_freq = options.theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)  # (max_seq_len, hd)
+        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)  # (max_seq_len, hd/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
@@ -79,4 +101,4 @@ class RotaryPosition(Position):
         t = q.size(-2)
         cos = self.cos[start : start + t].to(q.dtype)
         sin = self.sin[start : start + t].to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return Rotate.apply(q, cos, sin), Rotate.apply(k, cos, sin)
