@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from stacklm.errors import TrainingError, UserError
@@ -58,8 +59,6 @@ def cmd_train(args) -> None:
 
 
 def is_main_process() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 

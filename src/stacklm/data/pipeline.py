@@ -37,7 +37,6 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
         text = docs[0].text
         at = int(len(text) * (1 - val_fraction))
         cut = text.rfind("\n", 0, at) + 1 or at
-
         return [make_document(text[:cut])], [make_document(text[cut:])]
     train = [d for d in docs if not is_validation(d, val_fraction)]
     val = [d for d in docs if is_validation(d, val_fraction)]
