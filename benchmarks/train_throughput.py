@@ -1,7 +1,9 @@
 """Training tokens/s of stacklm against transformers' LlamaForCausalLM with identical dimensions.
 
-One full step each: forward, float32 cross-entropy (stacklm's `next_token_loss`, the same function
-for both), backward, fused AdamW step (stacklm's parameter groups, for both). One process; the
+One full step each: forward and float32 cross-entropy as each library trains (stacklm: `model(inputs,
+targets=...)`, the chunked linear + cross-entropy its trainer uses; HF: the logits, then
+`F.cross_entropy` on them in float32, as HF's own loss does), backward, fused AdamW step (stacklm's
+parameter groups, for both). One process; the
 implementations take turns (A B A B ...) after warmup; step times are medians and each speed-up is
 the median of the per-round ratios. float32 eager, and bf16 autocast with float32 master weights;
 stacklm also under torch.compile unless --quick or --no-compile. Both run with the allocator
@@ -17,12 +19,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import stacklm
 from benchmarks.common import alternate, headline, load_average, machine, matmul_peak, median, speedup, table
 from stacklm.device import keep_freed_memory_on_cpu
-from stacklm.objectives.causal import next_token_loss
 from stacklm.training.optim import param_groups
 
 
@@ -39,13 +41,21 @@ def build(d_model, n_layers, n_heads, d_ff, vocab, seq_len):
     return ours, hf
 
 
-def step_fn(model, batch, dtype, logits_of):
+def stacklm_loss(model, inputs, targets):
+    return model(inputs, targets=targets)
+
+
+def hf_loss(model, inputs, targets):
+    return F.cross_entropy(model(inputs).logits.flatten(0, 1).float(), targets.flatten())
+
+
+def step_fn(model, batch, dtype, loss_of):
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = next_token_loss(logits_of(model(inputs)), targets)
+            loss = loss_of(model, inputs, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -76,10 +86,10 @@ def main() -> None:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         peak = matmul_peak(dtype)
         print(f"{name}: matmul peak {peak / 1e9:.0f} GFLOP/s")
-        fns = {"stacklm": step_fn(ours, batch, dtype, lambda out: out),
-               "hf": step_fn(hf, batch, dtype, lambda out: out.logits)}
+        fns = {"stacklm": step_fn(ours, batch, dtype, stacklm_loss),
+               "hf": step_fn(hf, batch, dtype, hf_loss)}
         if compile_too:  # shares the eager model's parameters; its own optimizer state
-            fns["stacklm compiled"] = step_fn(torch.compile(ours), batch, dtype, lambda out: out)
+            fns["stacklm compiled"] = step_fn(torch.compile(ours), batch, dtype, stacklm_loss)
         times = alternate(fns, rounds, warmup=2)
         for impl, ts in times.items():
             rate = tokens / median(ts)

@@ -63,7 +63,7 @@ def is_main_process() -> bool:
 
 
 def stream_sample(run, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p: float,
-                  seed: int | None) -> str:
+                  seed: int | None, compile: bool = False) -> str:
     """Generate from `prompt`, printing the text as it is made; returns the whole text."""
     import torch
 
@@ -92,7 +92,7 @@ def stream_sample(run, prompt: str, max_new_tokens: int, temperature: float, top
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     device = next(run.model.parameters()).device
     generate(run.model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, top_p,
-             eos_id=tok.eos_id, generator=generator, on_token=on_token)
+             eos_id=tok.eos_id, generator=generator, on_token=on_token, compile=compile)
     sys.stdout.write("\n")
     return prompt + shown
 
@@ -104,7 +104,8 @@ def cmd_generate(args) -> None:
     device = resolve_device(args.device)
     run = load_run(args.run, device, resolve_dtype(args.dtype, device))
     temperature = 0.0 if args.greedy else args.temperature
-    stream_sample(run, args.prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed)
+    stream_sample(run, args.prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed,
+                  args.compile)
 
 
 def cmd_eval(args) -> None:
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32",
                    help="weight dtype for decoding (auto: bfloat16 where the hardware runs it natively)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step with torch.compile: tens of seconds to start, "
+                        "then several times faster per token on CPU (worth it for long outputs)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run on any data",

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from stacklm.data.store import TokenStore
-from stacklm.objectives.causal import next_token_loss
 from stacklm.training.distributed import Dist
 
 
@@ -34,8 +33,8 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
         rows = [store.window(i, seq_len, table) for i in range(first, min(first + batch_size, n_windows))]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(batch[:, :-1])
-        total[0] += next_token_loss(logits, batch[:, 1:], reduction="sum").double()
+            loss = model(batch[:, :-1], targets=batch[:, 1:])
+        total[0] += loss.double() * batch[:, 1:].numel()
         total[1] += batch[:, 1:].numel()
     dist.all_reduce_sum(total)
     model.train(was_training)

@@ -2,6 +2,7 @@ import torch
 
 from stacklm.config import Config
 from stacklm.inference import generate, sample_next
+from stacklm.inference.generate import compiled_decode_step
 from stacklm.model.transformer import build_model
 
 
@@ -50,3 +51,16 @@ def test_seeded_sampling_is_reproducible():
     a = generate(m, prompt, 15, generator=torch.Generator().manual_seed(7))
     b = generate(m, prompt, 15, generator=torch.Generator().manual_seed(7))
     assert a.equal(b)
+
+
+def test_compiled_decode_step_matches_eager():
+    """compile=True: the compiled one-token step gives the eager logits at every cache length."""
+    m = model()
+    prompt = torch.randint(0, 512, (1, 6))
+    eager = generate(m, prompt, 24, temperature=0)
+    assert generate(m, prompt, 24, temperature=0, compile=True).equal(eager)
+    step, state = compiled_decode_step(m), m.new_state(1)
+    with torch.no_grad():
+        m(eager[:, :6], state)
+        got = torch.cat([step(eager[:, t : t + 1], state) for t in range(6, 30)], dim=1)
+        torch.testing.assert_close(got, m(eager)[:, 6:], atol=1e-4, rtol=1e-4)

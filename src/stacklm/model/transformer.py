@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from stacklm.config import Config, ModelConfig
+from stacklm.model.loss import linear_cross_entropy
 from stacklm.registry import ATTENTION, FFN, NORM, POSITION
 
 
@@ -44,7 +45,8 @@ class DecodeState:
 
 
 class Transformer(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size), or with `targets` (B, T) the mean
+    cross-entropy over targets other than -100, without materialising the logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -70,8 +72,9 @@ class Transformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
-        # idx: (B, T) -> logits (B, T, V)
+    def forward(self, idx: torch.Tensor, state: DecodeState | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        # idx: (B, T) -> logits (B, T, V); with targets: (B, T) -> scalar loss
         start = state.length if state is not None else 0
         if start + idx.size(1) > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds model.max_seq_len "
@@ -81,7 +84,10 @@ class Transformer(nn.Module):
             x = block(x, self.position, state.layers[i] if state is not None else None)
         if state is not None:
             state.advance(idx.size(1))
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x, self.lm_head.weight, targets)
+        return self.lm_head(x)
 
     def new_state(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> DecodeState:
         """Empty decode state for `batch` sequences of up to `max_len` tokens."""
