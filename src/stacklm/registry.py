@@ -37,7 +37,7 @@ class Registry:
         self.name = name
         self._entries: dict[str, tuple[type, type[ComponentConfig]]] = {}
 
-    def register(self, kind: str, config_cls: type[ComponentConfig]) -> Callable[[type], type]:
+    def register(self, kind: str, config_cls: type[ComponentConfig] = ComponentConfig) -> Callable[[type], type]:
         def decorator(module_cls: type) -> type:
             if kind in self._entries:
                 raise ValueError(f"{self.name} kind {kind!r} is registered twice")
@@ -63,6 +63,9 @@ class Registry:
     def config_class(self, kind: str, key: str = "kind") -> type[ComponentConfig]:
         return self._entry(kind, key)[1]
 
+    def module_class(self, kind: str, key: str = "kind") -> type:
+        return self._entry(kind, key)[0]
+
     def build(self, options: ComponentConfig, *args: Any, **kwargs: Any):
         module_cls, _ = self._entry(options.kind, f"{self.name}.kind")
         return module_cls(options, *args, **kwargs)
@@ -73,3 +76,4 @@ FFN = Registry("ffn")
 POSITION = Registry("position")
 NORM = Registry("norm")
 OBJECTIVE = Registry("objective")
+QKV = Registry("qkv")  # projections into and out of attention, chosen by model.attention.qkv

@@ -135,7 +135,10 @@ def test_import_defaults_to_runs_name(make_run, tmp_path, monkeypatch):
 @pytest.mark.parametrize("model, key", [({"ffn": "gelu"}, "model.ffn.kind='gelu'"),
                                         ({"position": "none"}, "model.position.kind='none'"),
                                         ({"norm": "layernorm"}, "model.norm.kind='layernorm'"),
-                                        ({"attention": {"bias": True}}, "model.attention.bias=True")])
+                                        ({"attention": {"bias": True}}, "model.attention.bias=True"),
+                                        ({"ffn": "sparse"}, "model.ffn.kind='sparse'"),
+                                        ({"attention": {"qkv": "multiplicative_conv"}, "n_kv_heads": None},
+                                         "model.attention.qkv='multiplicative_conv'")])
 def test_export_refuses_what_llama_cannot_express(make_run, tmp_path, model, key):
     run_dir = make_run(**model)
     with pytest.raises(UserError, match=key.replace("(", r"\(")):

@@ -11,7 +11,11 @@ def small(*overrides):
 
 
 CASES = [(), ("model.n_kv_heads=2",), ("model.n_kv_heads=1",), ("model.ffn.kind=gelu",),
-         ("model.norm.kind=layernorm",), ("model.position.kind=none",), ("model.tie_embeddings=false",)]
+         ("model.norm.kind=layernorm",), ("model.position.kind=none",), ("model.tie_embeddings=false",),
+         ("model.ffn.kind=sparse", "model.ffn.block_size=8"), ("model.attention.qkv=multiplicative",),
+         ("model.attention.qkv=multiplicative_conv",),
+         ("model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qkv=multiplicative_conv",
+          "model.attention.qkv_sparsity=2")]
 
 
 @pytest.mark.parametrize("overrides", CASES)
@@ -40,7 +44,7 @@ def test_gqa_shares_key_value_heads():
     model = small("model.n_kv_heads=2")
     attn = model.blocks[0].attn
     d = model.config.d_model
-    assert attn.qkv_proj.weight.shape == (d + 2 * 2 * model.config.head_dim, d)
+    assert attn.proj.qkv_proj.weight.shape == (d + 2 * 2 * model.config.head_dim, d)
 
 
 def test_tied_embeddings_and_counts():

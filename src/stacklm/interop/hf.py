@@ -29,7 +29,8 @@ from stacklm.training.trainer import CONFIG_FILE
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 # What a Llama model is, in stacklm's config keys; anything else cannot be exported.
-LLAMA_MODEL = {"attention.kind": "full", "attention.bias": False, "ffn.kind": "swiglu", "ffn.bias": False,
+LLAMA_MODEL = {"attention.kind": "full", "attention.qkv": "dense", "attention.bias": False,
+               "ffn.kind": "swiglu", "ffn.bias": False,
                "norm.kind": "rmsnorm", "position.kind": "rope"}
 # The Llama config.json values stacklm runs (each is also LlamaConfig's default, used when absent).
 LLAMA_CONFIG = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
@@ -47,9 +48,9 @@ def weight_map(m: ModelConfig) -> dict[str, list[tuple[str, int]]]:
         s, h = f"blocks.{i}.", f"model.layers.{i}."
         names |= {
             s + "attn_norm.weight": [(h + "input_layernorm.weight", m.d_model)],
-            s + "attn.qkv_proj.weight": [(h + f"self_attn.{p}_proj.weight", n)
+            s + "attn.proj.qkv_proj.weight": [(h + f"self_attn.{p}_proj.weight", n)
                                          for p, n in (("q", q), ("k", kv), ("v", kv))],
-            s + "attn.out_proj.weight": [(h + "self_attn.o_proj.weight", m.d_model)],
+            s + "attn.proj.out_proj.weight": [(h + "self_attn.o_proj.weight", m.d_model)],
             s + "ffn_norm.weight": [(h + "post_attention_layernorm.weight", m.d_model)],
             s + "ffn.gate_up_proj.weight": [(h + f"mlp.{p}_proj.weight", ff) for p in ("gate", "up")],
             s + "ffn.out_proj.weight": [(h + "mlp.down_proj.weight", m.d_model)],

@@ -3,6 +3,11 @@
 An attention module takes `forward(x, position, cache)` and makes its own decode state with
 `new_cache(batch, max_len, dtype, device)`, so kinds with other state (a sliding window, a
 convolution's last inputs) keep it their own way.
+
+The projections into and out of the heads are a component of their own, chosen by
+`model.attention.qkv` from the QKV registry: `dense` here, the Scaling Transformer's sparse
+`multiplicative` and `multiplicative_conv` in `qkv_sparse.py`. Every attention kind uses them as
+`q, k, v = self.proj(x, cache.qkv_state)` and `self.proj.out(y)`.
 """
 
 from __future__ import annotations
@@ -13,13 +18,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stacklm.registry import ATTENTION, ComponentConfig, option
+from stacklm.errors import UserError
+from stacklm.registry import ATTENTION, QKV, ComponentConfig, option
 
 
 @dataclasses.dataclass
 class AttentionConfig(ComponentConfig):
     kind: str = "full"
     bias: bool = option(False, help="biases on the q/k/v and output projections")
+    qkv: str = option("dense", help="q/k/v projections: dense, multiplicative (S-module multiplicative "
+                      "layers) or multiplicative_conv (one shared multiplicative layer, then a causal "
+                      "convolution per q, k, v; no output projection) - the Scaling Transformer's sparse QKV")
+    qkv_sparsity: int | None = option(None, ge=1, help="S, modules of the multiplicative layer; "
+                                      "default n_heads (one module per head)")
+    length_kernel: int = option(3, ge=1, help="multiplicative_conv: positions each convolution sees "
+                                "(the token and the length_kernel - 1 before it)")
+
+    def check(self, cfg) -> None:
+        QKV.module_class(self.qkv, "model.attention.qkv")
+        if self.qkv == "dense":
+            return
+        s = self.qkv_sparsity or cfg.n_heads
+        if cfg.d_model % s:
+            raise UserError(f"model.attention.qkv_sparsity ({s}) must divide model.d_model ({cfg.d_model})")
+        if cfg.kv_heads != cfg.n_heads:
+            raise UserError(f"model.attention.qkv={self.qkv} makes keys and values for every head; "
+                            f"set model.n_kv_heads to null or to n_heads ({cfg.n_heads})")
 
 
 class KVCache:
@@ -29,11 +53,12 @@ class KVCache:
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, qkv_state=None):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self.qkv_state = qkv_state  # the projections' own decode state, if any
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (B, Hkv, T, hd) -> all cached keys and values, (B, Hkv, length + T, hd)
@@ -51,6 +76,28 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     return torch.arange(t_k, device=device)[None, :] <= q_pos
 
 
+@QKV.register("dense")
+class DenseQKV(nn.Module):
+    """q, k, v = x W_qkv (one fused matmul); out(y) = y W_o."""
+
+    def __init__(self, options: AttentionConfig, cfg):
+        super().__init__()
+        self.split = [cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.split), bias=options.bias)
+        self.out_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=options.bias)
+
+    def new_state(self, batch: int, dtype: torch.dtype, device) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: (B, T, D) -> q (B, T, H * hd), k and v (B, T, Hkv * hd)
+        return self.qkv_proj(x).split(self.split, dim=-1)
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        # y: (B, T, H * hd) -> (B, T, D)
+        return self.out_proj(y)
+
+
 @ATTENTION.register("full", AttentionConfig)
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with grouped-query heads (GQA; MQA when n_kv_heads=1)."""
@@ -58,26 +105,26 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, options: AttentionConfig, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.split = [self.n_heads * self.head_dim, 2 * self.n_kv_heads * self.head_dim]
-        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.split), bias=options.bias)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=options.bias)
+        self.proj = QKV.module_class(options.qkv, "model.attention.qkv")(options, cfg)
         self.dropout = cfg.dropout
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
-        return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
+        return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device,
+                       self.proj.new_state(batch, dtype, device))
 
     def forward(self, x: torch.Tensor, position, cache: KVCache | None = None) -> torch.Tensor:
         # x: (B, T, D)
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
-        q, kv = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k, v = kv.view(b, t, 2 * self.n_kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = position.rotate(q, k, start)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, start + T, hd)
         y = self.attend(q, k, v, position.bias(t, k.size(2), start))
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
 
     def attend(self, q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
         # q: (B, H, Tq, hd), k, v: (B, Hkv, Tk, hd); the queries are the last Tq of Tk positions

@@ -62,6 +62,9 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Weight matrices ~ N(0, init_std), residual output projections (`out_proj`) scaled down
+        by sqrt(2 n_layers) as in GPT-2, biases zero; a component with other needs (a
+        multiplicative layer's scales) defines `init_weights(std, residual_std)`, called after."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
@@ -69,8 +72,10 @@ class Transformer(nn.Module):
                 continue  # norm gains keep their own init; biases start at zero
             nn.init.normal_(p, 0.0, residual_std if name.endswith("out_proj.weight") else std)
         for m in self.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+            if hasattr(m, "init_weights"):
+                m.init_weights(std, residual_std)
 
     def forward(self, idx: torch.Tensor, state: DecodeState | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:

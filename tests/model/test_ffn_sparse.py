@@ -1,0 +1,115 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stacklm.config import Config
+from stacklm.errors import UserError
+from stacklm.model.ffn_sparse import SparseFFN
+from stacklm.model.transformer import build_model
+
+D, D_FF, N = 48, 384, 16  # 24 blocks of 16 units
+
+
+def sparse_ffn(*overrides) -> SparseFFN:
+    config = Config.load("configs/tiny.yaml", [f"model.d_model={D}", f"model.d_ff={D_FF}", "model.ffn.kind=sparse",
+                                               f"model.ffn.block_size={N}", *overrides])
+    return build_model(config).blocks[0].ffn
+
+
+def reference(ffn: SparseFFN, x: torch.Tensor) -> torch.Tensor:
+    """The layer's equations in eval mode, every unit computed and masked to the argmax."""
+    mask = F.one_hot(ffn.controller(x).argmax(-1), N).flatten(-2).to(x.dtype)
+    h = F.relu(x @ ffn.in_proj.T + (ffn.in_bias if ffn.in_bias is not None else 0)) * mask
+    return h @ ffn.out_proj + (ffn.out_bias if ffn.out_bias is not None else 0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (4, 1), (2, 5), (8, 64)])
+def test_eval_paths_equal_the_masked_dense_layer(bias, shape):
+    """One token (gather), a few (union gather), many (masked dense): all compute the same."""
+    ffn = sparse_ffn(f"model.ffn.bias={str(bias).lower()}").eval()
+    if bias:
+        torch.nn.init.normal_(ffn.in_bias)
+        torch.nn.init.normal_(ffn.out_bias)
+    x = torch.randn(*shape, D)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), reference(ffn, x), atol=1e-5, rtol=1e-4)
+
+
+class WeightReads(TorchDispatchMode):
+    """Records each op that takes one of `weights` as an input, with its output shape."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ptrs = {w.data_ptr(): name for name, w in weights.items()}
+        self.reads: list[tuple[str, str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.data_ptr() in self.ptrs:
+                self.reads.append((self.ptrs[a.data_ptr()], func.__name__, tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decoding_reads_only_the_chosen_units(rows):
+    ffn = sparse_ffn().eval()
+    x = torch.randn(rows, 1, D)
+    with torch.no_grad(), WeightReads({"W1": ffn.in_proj, "W2": ffn.out_proj}) as mode:
+        ffn(x)
+        units = ffn.controller(x).argmax(-1) + ffn.block_start
+    assert {name for name, _, _ in mode.reads} == {"W1", "W2"}
+    n_units = units.unique().numel()
+    for name, op, shape in mode.reads:
+        assert op.startswith("index"), f"{name} read whole by {op}"
+        assert shape == (n_units, D), f"{name}: gathered {shape}, expected ({n_units}, {D})"
+    assert n_units <= rows * D_FF // N
+
+
+def test_large_batches_compute_every_unit():
+    """Past the gather threshold the masked dense matmul is used (and reads W1 whole)."""
+    ffn = sparse_ffn().eval()
+    with torch.no_grad(), WeightReads({"W1": ffn.in_proj}) as mode:
+        ffn(torch.randn(4, 16, D))
+    assert [op for _, op, _ in mode.reads] != [] and not any(op.startswith("index") for _, op, _ in mode.reads)
+
+
+@pytest.mark.parametrize("quant_prob", [0.0, 1.0])
+def test_gradients_reach_the_controller(quant_prob):
+    ffn = sparse_ffn(f"model.ffn.quant_prob={quant_prob}").train()
+    ffn(torch.randn(2, 8, D)).square().sum().backward()
+    for p in (ffn.controller_down.weight, ffn.controller_up.weight, ffn.controller_up.bias,
+              ffn.in_proj, ffn.out_proj):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_training_masks():
+    """quant_prob=1: a one-hot per block (the argmax when there is no noise); 0: the softmax."""
+    x = torch.randn(3, 7, D)
+    ffn = sparse_ffn("model.ffn.quant_prob=1.0", "model.ffn.temperature=0.0").train()
+    logits = ffn.controller(x)
+    hard = ffn.training_mask(logits)
+    torch.testing.assert_close(hard, F.one_hot(logits.argmax(-1), N).float())
+    ffn.quant_prob = 0.0
+    torch.testing.assert_close(ffn.training_mask(logits), logits.softmax(-1))
+
+
+def test_gumbel_noise_explores_other_units():
+    ffn = sparse_ffn("model.ffn.quant_prob=1.0", "model.ffn.temperature=1.0").train()
+    logits = torch.zeros(1000, D_FF // N, N)  # a uniform controller: noise alone decides
+    counts = ffn.training_mask(logits).detach().sum(dim=(0, 1))  # picks per position in the block
+    expected = 1000 * (D_FF // N) / N
+    assert counts.min() > 0.8 * expected and counts.max() < 1.2 * expected
+
+
+def test_block_size_must_divide_d_ff():
+    with pytest.raises(UserError, match="block_size"):
+        sparse_ffn("model.ffn.block_size=50")
+
+
+def test_default_rank_is_d_model_over_block_size():
+    ffn = sparse_ffn()
+    assert ffn.controller_down.weight.shape == (D // N, D)
+    assert ffn.controller_up.weight.shape == (D_FF, D // N)

@@ -1,0 +1,74 @@
+import pytest
+import torch
+from torch import nn
+
+from stacklm.config import Config
+from stacklm.errors import UserError
+from stacklm.model.qkv_sparse import MultiplicativeDense
+from stacklm.model.transformer import build_model
+
+D, H = 64, 4  # 4 modules (one per head) of 16 units
+
+
+def projections(qkv: str, *overrides):
+    config = Config.load("configs/tiny.yaml", [f"model.d_model={D}", f"model.n_heads={H}",
+                                               f"model.attention.qkv={qkv}", *overrides])
+    return build_model(config).blocks[0].attn.proj
+
+
+@pytest.mark.parametrize("rows", [1, 3, 200])  # the per-row form and the dense-weight form
+def test_multiplicative_layer_computes_its_definition(rows):
+    layer = MultiplicativeDense(D, 2 * D, 4, bias=True)
+    layer.init_weights(0.02, 0.01)
+    nn.init.normal_(layer.bias)
+    x = torch.randn(rows, D)
+    # y[s, m] = sum_i x_i D[s, i] E[i, m] + b, module-major
+    expected = torch.einsum("ri,si,mi->rsm", x, layer.multiplier, layer.weight).flatten(1) + layer.bias
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+    assert sum(p.numel() for p in layer.parameters()) == 4 * D + D * 2 * D // 4 + 2 * D
+
+
+def test_multiplicative_qkv_has_a_fraction_of_the_dense_parameters():
+    dense = sum(p.numel() for p in projections("dense").parameters())
+    sparse = sum(p.numel() for p in projections("multiplicative").parameters())
+    assert dense == 4 * D * D and sparse == 4 * (H * D + D * D // H)
+
+
+def test_conv_reaches_length_kernel_positions_back_and_3_modules_across():
+    """With the shared layer made the identity: a change at (position t, module j) moves q and k in
+    positions t .. t+2 and modules j-1 .. j+1, v in positions t .. t+2 of module j only."""
+    proj = projections("multiplicative_conv").eval()
+    proj.shared = nn.Identity()
+    x = torch.randn(1, 12, D)
+    y = x.clone()
+    t, j, m = 5, 2, D // H
+    y[0, t, j * m : (j + 1) * m] += 1.0
+    with torch.no_grad():
+        before, after = proj(x), proj(y)
+    for name, old, new, modules in zip("qkv", before, after, ([1, 2, 3], [1, 2, 3], [2]), strict=True):
+        changed = (old - new).abs().view(12, H, m).amax(-1) > 0  # (positions, modules)
+        expect = torch.zeros(12, H, dtype=torch.bool)
+        expect[t : t + 3, modules] = True
+        assert torch.equal(changed, expect), name
+
+
+def test_conv_decode_state_keeps_the_last_inputs():
+    proj = projections("multiplicative_conv").eval()
+    x = torch.randn(2, 9, D)
+    state = proj.new_state(2, torch.float32, "cpu")
+    with torch.no_grad():
+        full = proj(x)
+        steps = [proj(x[:, :4], state)] + [proj(x[:, i : i + 1], state) for i in range(4, 9)]
+    for whole, parts in zip(full, zip(*steps, strict=True), strict=True):
+        torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-6, rtol=1e-5)
+    assert state.frames.shape == (2, 2, D)
+
+
+def test_sparse_qkv_needs_a_kv_head_per_head():
+    with pytest.raises(UserError, match="n_kv_heads"):
+        projections("multiplicative_conv", "model.n_kv_heads=2")
+
+
+def test_unknown_qkv_kind_names_the_valid_ones():
+    with pytest.raises(UserError, match="model.attention.qkv.*multiplicative_conv"):
+        projections("multiplicative_cnv")
