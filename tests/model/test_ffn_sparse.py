@@ -21,7 +21,7 @@ def reference(ffn: SparseFFN, x: torch.Tensor) -> torch.Tensor:
     """The layer's equations in eval mode, every unit computed and masked to the argmax."""
     mask = F.one_hot(ffn.controller(x).argmax(-1), N).flatten(-2).to(x.dtype)
     h = F.relu(x @ ffn.in_proj.T + (ffn.in_bias if ffn.in_bias is not None else 0)) * mask
-    return h @ ffn.out_proj + (ffn.out_bias if ffn.out_bias is not None else 0)
+    return (h @ ffn.out_proj) * N + (ffn.out_bias if ffn.out_bias is not None else 0)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -38,34 +38,39 @@ def test_eval_paths_equal_the_masked_dense_layer(bias, shape):
 
 
 class WeightReads(TorchDispatchMode):
-    """Records each op that takes one of `weights` as an input, with its output shape."""
+    """Records each op that takes one of `weights` as an input: (weight, op, its other arguments, output)."""
 
     def __init__(self, weights):
         super().__init__()
         self.ptrs = {w.data_ptr(): name for name, w in weights.items()}
-        self.reads: list[tuple[str, str, tuple]] = []
+        self.reads: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for a in args:
             if isinstance(a, torch.Tensor) and a.data_ptr() in self.ptrs:
-                self.reads.append((self.ptrs[a.data_ptr()], func.__name__, tuple(out.shape)))
+                self.reads.append((self.ptrs[a.data_ptr()], func.__name__, args, out))
         return out
 
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_decoding_reads_only_the_chosen_units(rows):
+    """W1: gathered rows of the chosen units (for a batch, the union); W2: each token's own rows."""
     ffn = sparse_ffn().eval()
     x = torch.randn(rows, 1, D)
     with torch.no_grad(), WeightReads({"W1": ffn.in_proj, "W2": ffn.out_proj}) as mode:
         ffn(x)
-        units = ffn.controller(x).argmax(-1) + ffn.block_start
-    assert {name for name, _, _ in mode.reads} == {"W1", "W2"}
-    n_units = units.unique().numel()
-    for name, op, shape in mode.reads:
-        assert op.startswith("index"), f"{name} read whole by {op}"
-        assert shape == (n_units, D), f"{name}: gathered {shape}, expected ({n_units}, {D})"
-    assert n_units <= rows * D_FF // N
+        units = ffn.controller(x).argmax(-1) + ffn.block_start  # (rows, 1, d_ff / N)
+    assert sorted(name for name, *_ in mode.reads) == ["W1", "W2"]
+    for name, op, args, out in mode.reads:
+        if name == "W1":
+            assert op.startswith("index_select"), f"W1 read whole by {op}"
+            assert out.shape == (units.unique().numel(), D)
+            assert torch.equal(args[2], units.unique())
+        else:
+            assert "embedding_bag" in op, f"W2 read whole by {op}"
+            assert torch.equal(args[1].reshape(rows, -1), units.reshape(rows, -1))
+    assert units.unique().numel() <= rows * D_FF // N
 
 
 def test_large_batches_compute_every_unit():
@@ -73,7 +78,8 @@ def test_large_batches_compute_every_unit():
     ffn = sparse_ffn().eval()
     with torch.no_grad(), WeightReads({"W1": ffn.in_proj}) as mode:
         ffn(torch.randn(4, 16, D))
-    assert [op for _, op, _ in mode.reads] != [] and not any(op.startswith("index") for _, op, _ in mode.reads)
+    ops = [op for _, op, *_ in mode.reads]
+    assert ops and not any(op.startswith("index") for op in ops)
 
 
 @pytest.mark.parametrize("quant_prob", [0.0, 1.0])

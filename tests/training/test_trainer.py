@@ -122,3 +122,13 @@ def test_tensorboard_events_when_installed(tiny):
     pytest.importorskip("tensorboard")
     result = train(tiny("train.steps=2"), **QUIET)
     assert any((result.run_dir / "tensorboard").iterdir())
+
+
+def test_no_weight_decay_on_multiplicative_scales(tiny):
+    from stacklm.model.transformer import build_model
+
+    model = build_model(tiny("model.attention.qkv=multiplicative_conv"))
+    decay, no_decay = param_groups(model, 0.1)
+    shared = model.blocks[0].attn.proj.shared
+    assert any(p is shared.multiplier for p in no_decay["params"])
+    assert any(p is shared.weight for p in decay["params"])

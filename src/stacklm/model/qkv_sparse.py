@@ -27,6 +27,8 @@ from stacklm.registry import QKV
 class MultiplicativeDense(nn.Module):
     """The multiplicative layer: (..., d_in) -> (..., S * M), module s in units s*M ... s*M + M - 1."""
 
+    no_weight_decay = ("multiplier",)  # D scales the input per module, like a norm's gain
+
     def __init__(self, d_in: int, d_out: int, sparsity: int, bias: bool, residual: bool = False):
         super().__init__()
         self.sparsity, self.residual = sparsity, residual
@@ -46,8 +48,9 @@ class MultiplicativeDense(nn.Module):
         # x: (..., d_in) -> (..., S * M)
         d_in = x.size(-1)
         rows = x.numel() // d_in
-        if rows * self.sparsity <= self.weight.numel():
-            # few rows (decoding): scale each row per module and share E; reads only D and E
+        if rows <= self.weight.size(0):
+            # few rows (decoding): scale each row per module and share E; reads only D and E, and
+            # the (rows, S, d_in) scaled copies of x are no larger than the dense weight would be
             y = F.linear(x.unsqueeze(-2) * self.multiplier, self.weight).flatten(-2)
             return y if self.bias is None else y + self.bias
         # many rows (training): build the equivalent dense (S * M, d_in) weight once
@@ -94,10 +97,12 @@ class MultiplicativeConvQKV(nn.Module):
         self.sparsity, self.d_module, self.length_kernel = s, d // s, options.length_kernel
         m, lk = self.d_module, options.length_kernel
         self.shared = MultiplicativeDense(d, d, s, options.bias)
-        # Conv2d over a (position, module) grid with the M units of a module as channels; the
-        # module axis is zero-padded by the layer, the position axis by the look-back frames.
-        self.qk_conv = nn.Conv2d(m, 2 * m, (lk, 3), padding=(0, 1))  # q and k in one convolution
-        self.v_conv = nn.Conv2d(m, m, (lk, 1))
+        # Convolution kernels over (position, module) with the M units of a module as channels,
+        # laid out as Conv2d's (out channels, in channels, positions, modules); q and k in one.
+        self.qk_conv = nn.Parameter(torch.empty(2 * m, m, lk, 3))
+        self.qk_conv_bias = nn.Parameter(torch.zeros(2 * m))
+        self.v_conv = nn.Parameter(torch.empty(m, m, lk, 1))
+        self.v_conv_bias = nn.Parameter(torch.zeros(m))
 
     def new_state(self, batch: int, dtype: torch.dtype, device) -> ConvState:
         return ConvState(torch.zeros(batch, self.length_kernel - 1, self.sparsity * self.d_module,
@@ -111,11 +116,24 @@ class MultiplicativeConvQKV(nn.Module):
         frames = torch.cat([before.to(y.dtype), y], dim=1)  # (B, length_kernel - 1 + T, D)
         if state is not None:
             state.frames = frames[:, t:]
-        # (B, M, positions, S): channels innermost in memory, the layout oneDNN's convolution wants
-        grid = frames.view(b, -1, self.sparsity, self.d_module).permute(0, 3, 1, 2)
-        q, k = self.qk_conv(grid).chunk(2, dim=1)  # (B, M, T, S) each
-        v = self.v_conv(grid)
-        return tuple(z.permute(0, 2, 3, 1).reshape(b, t, d) for z in (q, k, v))
+        grid = frames.view(b, -1, self.sparsity, self.d_module)  # (B, positions, S, M)
+        q, k = local_conv(grid, self.qk_conv, self.qk_conv_bias).chunk(2, dim=-1)  # (B, T, S, M) each
+        v = local_conv(grid, self.v_conv, self.v_conv_bias)
+        return q.reshape(b, t, d), k.reshape(b, t, d), v.reshape(b, t, d)
 
     def out(self, y: torch.Tensor) -> torch.Tensor:
         return y  # the paper's sparse QKV has no output projection
+
+
+def local_conv(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A valid convolution over positions, zero-padded over modules, as one matmul over windows.
+
+    Written as windows and a matmul rather than F.conv2d because at one new position (decoding) the
+    matmul is a few small reductions that compile into the step, where a conv2d call costs more
+    than its arithmetic; in training both are an im2col and a GEMM on CPU.
+    """
+    # grid: (B, P, S, M), weight: (O, M, Lk, k) -> (B, P - Lk + 1, S, O)
+    lk, k = weight.shape[2:]
+    padded = F.pad(grid, (0, 0, (k - 1) // 2, (k - 1) // 2))  # (B, P, S + k - 1, M)
+    windows = padded.unfold(1, lk, 1).unfold(2, k, 1)  # (B, P - Lk + 1, S, M, Lk, k)
+    return F.linear(windows.flatten(-3), weight.flatten(1), bias)

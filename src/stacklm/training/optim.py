@@ -9,13 +9,15 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave norms, biases and embeddings (tied or not) undecayed."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    """Decay matrices; leave norms, biases, embeddings (tied or not) and the parameters a module
+    lists in its `no_weight_decay` attribute (scales such as a multiplicative layer's) undecayed."""
+    keep = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    keep |= {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "no_weight_decay", ())}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        (decay if p.dim() >= 2 and id(p) not in keep else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
