@@ -14,8 +14,10 @@ def args(tmp_path, cache_dir):
             "train.progress=false", "train.steps=12"]
 
 
-def test_train_generate_eval(args, tmp_path, capsys):
-    assert main(["train", *args]) == 0
+@pytest.mark.parametrize("model", [[], ["model.ffn.kind=sparse", "model.ffn.block_size=8",
+                                        "model.attention.qkv=multiplicative_conv"]], ids=["dense", "sparse"])
+def test_train_generate_eval(args, tmp_path, capsys, model):
+    assert main(["train", *args, *model]) == 0
     out = capsys.readouterr().out
     assert "validation after 12 steps: loss" in out and "bits-per-byte" in out and "sample (40 tokens" in out
     run = str(tmp_path / "run")
