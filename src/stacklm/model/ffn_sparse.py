@@ -99,13 +99,13 @@ class SparseFFN(nn.Module):
         logits = self.controller(x)
         if self.training:
             return self.masked(x, self.training_mask(logits))
-        units = logits.argmax(dim=-1) + self.block_start  # (B, T, d_ff / N)
+        choice = logits.argmax(dim=-1)  # (B, T, d_ff / N), the unit within each block
         rows = x.numel() // x.size(-1)
         if rows == 1:
-            return self.gathered_one(x, units)
+            return self.gathered_one(x, choice + self.block_start)
         if rows * self.n_blocks <= GATHER_MAX_SHARE * self.d_ff:
-            return self.gathered(x, units)
-        return self.masked(x, F.one_hot(logits.argmax(dim=-1), self.block_size))
+            return self.gathered(x, choice + self.block_start)
+        return self.masked(x, F.one_hot(choice, self.block_size))
 
     def training_mask(self, logits: torch.Tensor) -> torch.Tensor:
         # logits: (..., d_ff / N, N) -> mask of the same shape

@@ -31,7 +31,7 @@ class MultiplicativeDense(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, sparsity: int, bias: bool, residual: bool = False):
         super().__init__()
-        self.sparsity, self.residual = sparsity, residual
+        self.residual = residual
         self.multiplier = nn.Parameter(torch.empty(sparsity, d_in))  # D
         self.weight = nn.Parameter(torch.empty(d_out // sparsity, d_in))  # E, stored (M, d_in)
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
