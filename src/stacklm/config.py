@@ -208,6 +208,8 @@ def apply_override(raw: dict, item: str) -> None:
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if isinstance(child, str):  # `ffn: moe` is short for `ffn: {kind: moe}`
+            child = node[part] = {"kind": child}
         if not isinstance(child, dict):
             raise UserError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
@@ -248,7 +250,9 @@ def build_component(registry: Registry, raw: Any, f: dataclasses.Field, key: str
     if isinstance(raw, str):  # `ffn: swiglu` is short for `ffn: {kind: swiglu}`
         raw = {"kind": raw}
     raw = dict(raw or {})
-    kind = raw.get("kind", f.default_factory().kind)
+    kind = registry.canonical(raw.get("kind", f.default_factory().kind))
+    if "kind" in raw:
+        raw["kind"] = kind
     config_cls = registry.config_class(kind, f"{key}.kind")
     return build_dataclass(config_cls, raw, key + ".")
 

@@ -31,11 +31,17 @@ class ComponentConfig:
 
     kind: str = ""
 
+    def for_layer(self, layer: int) -> ComponentConfig:
+        """The options layer `layer` is built with; a component that differs by layer (MoE in
+        every k-th layer) returns other options for some layers."""
+        return self
+
 
 class Registry:
     def __init__(self, name: str):
         self.name = name
         self._entries: dict[str, tuple[type, type[ComponentConfig]]] = {}
+        self._aliases: dict[str, str] = {}
 
     def register(self, kind: str, config_cls: type[ComponentConfig] = ComponentConfig) -> Callable[[type], type]:
         def decorator(module_cls: type) -> type:
@@ -46,19 +52,26 @@ class Registry:
 
         return decorator
 
+    def alias(self, name: str, kind: str) -> None:
+        """Let configs say `name` for the registered `kind`."""
+        self._aliases[name] = kind
+
+    def canonical(self, kind: str) -> str:
+        return self._aliases.get(kind, kind)
+
     @property
     def kinds(self) -> list[str]:
         return sorted(self._entries)
 
     def _entry(self, kind: str, key: str) -> tuple[type, type[ComponentConfig]]:
-        if kind not in self._entries:
-            hint = difflib.get_close_matches(str(kind), self.kinds, n=1)
+        entry = self._entries.get(self.canonical(kind))
+        if entry is None:
+            names = sorted([*self._entries, *self._aliases])
+            hint = difflib.get_close_matches(str(kind), names, n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise UserError(
-                f"{key}: unknown {self.name} kind {kind!r}{did_you_mean}; "
-                f"valid kinds: {', '.join(self.kinds)}"
-            )
-        return self._entries[kind]
+            valid = [f"{n} (= {self._aliases[n]})" if n in self._aliases else n for n in names]
+            raise UserError(f"{key}: unknown {self.name} kind {kind!r}{did_you_mean}; valid kinds: {', '.join(valid)}")
+        return entry
 
     def config_class(self, kind: str, key: str = "kind") -> type[ComponentConfig]:
         return self._entry(kind, key)[1]

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from stacklm.cli import main
@@ -125,6 +126,47 @@ def test_transformers_llama_imports(make_run, tmp_path, rope_format):
         torch.testing.assert_close(run.model(ids), model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+MIXTRAL = {"kind": "moe", "router": "topk", "n_experts": 4, "top_k": 2, "dropless": True}
+
+
+def test_exported_mixtral_gives_the_same_logits(make_run, tmp_path):
+    run_dir = make_run(ffn=MIXTRAL)
+    export_hf(run_dir, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["num_local_experts"], config["num_experts_per_tok"]) == ("mixtral", 4, 2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
+                                                           attn_implementation="eager").eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, logits(run_dir, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_mixtral_imports(make_run, tmp_path):
+    export_hf(make_run(), tmp_path / "ours")
+    config = transformers.MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+                                        num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    model = transformers.MixtralForCausalLM(config)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            nn.init.uniform_(p, 0.5, 1.5)
+        if name.endswith("gate.weight"):  # routes that differ clearly from token to token
+            nn.init.normal_(p, std=1.0)
+    model.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(tmp_path / "ours" / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    run = load_run(import_hf(tmp_path / "hf", tmp_path / "imported"))
+    ffn = run.config.model.ffn
+    assert (ffn.kind, ffn.router, ffn.n_experts, ffn.top_k, ffn.dropless) == ("moe", "topk", 4, 2, True)
+    ids = torch.randint(0, 512, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(ids), model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+    export_hf(tmp_path / "imported", tmp_path / "again")  # and back, weight for weight
+    again, original = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert again.keys() == original.keys()
+    assert all(torch.equal(again[k], original[k]) for k in original)
+
+
 def test_import_defaults_to_runs_name(make_run, tmp_path, monkeypatch):
     export_hf(make_run(), tmp_path / "my-llama")
     monkeypatch.chdir(tmp_path)
@@ -138,7 +180,10 @@ def test_import_defaults_to_runs_name(make_run, tmp_path, monkeypatch):
                                         ({"attention": {"bias": True}}, "model.attention.bias=True"),
                                         ({"ffn": "sparse"}, "model.ffn.kind='sparse'"),
                                         ({"attention": {"qkv": "multiplicative_conv"}, "n_kv_heads": None},
-                                         "model.attention.qkv='multiplicative_conv'")])
+                                         "model.attention.qkv='multiplicative_conv'"),
+                                        ({"ffn": {**MIXTRAL, "router": "switch"}}, "model.ffn.router='switch'"),
+                                        ({"ffn": {**MIXTRAL, "every": 2}}, "model.ffn.every=2"),
+                                        ({"ffn": {**MIXTRAL, "expert": "sparse"}}, "model.ffn.expert.kind='sparse'")])
 def test_export_refuses_what_llama_cannot_express(make_run, tmp_path, model, key):
     run_dir = make_run(**model)
     with pytest.raises(UserError, match=key.replace("(", r"\(")):
@@ -181,6 +226,8 @@ def rename_eos(hf_dir):
     (patch_config(hidden_act="gelu"), "hidden_act='gelu'"),
     (patch_config(head_dim=32), "head_dim=32"),
     (patch_config(intermediate_size=128), "has shape"),
+    (patch_config(model_type="mixtral", num_local_experts=4, sliding_window=16), "sliding_window=16"),
+    (patch_config(model_type="mixtral", num_local_experts=4), "has no weight .*block_sparse_moe"),
     (lambda d: (d / "config.json").write_text("{not json"), "cannot read"),
     (lambda d: (d / "config.json").unlink(), "config.json not found"),
     (lambda d: (d / "model.safetensors").unlink(), "model.safetensors not found"),

@@ -15,7 +15,10 @@ CASES = [(), ("model.n_kv_heads=2",), ("model.n_kv_heads=1",), ("model.ffn.kind=
          ("model.ffn.kind=sparse", "model.ffn.block_size=8"), ("model.attention.qkv=multiplicative",),
          ("model.attention.qkv=multiplicative_conv",),
          ("model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qkv=multiplicative_conv",
-          "model.attention.qkv_sparsity=2")]
+          "model.attention.qkv_sparsity=2"),
+         ("model.ffn.kind=moe", "model.ffn.dropless=true"),
+         ("model.ffn.kind=moe", "model.ffn.router=topk", "model.ffn.every=2", "model.ffn.shared_expert=true"),
+         ("model.ffn.kind=moe", "model.ffn.expert=sparse", "model.ffn.expert.block_size=8", "model.ffn.dropless=true")]
 
 
 @pytest.mark.parametrize("overrides", CASES)

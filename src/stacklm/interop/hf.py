@@ -1,8 +1,12 @@
-"""Hugging Face Llama interop: `export_hf` writes a run as a Llama directory, `import_hf` reads one.
+"""Hugging Face Llama and Mixtral interop: `export_hf` writes a run as a Llama or Mixtral directory,
+`import_hf` reads one.
 
 A stacklm decoder with SwiGLU, RMSNorm, RoPE and full attention without biases is exactly Llama:
 only the parameter names differ, and stacklm fuses q/k/v and gate/up into one matrix each. Its
-RoPE rotates the two halves of a head, as HF Llama does, so no weight is permuted.
+RoPE rotates the two halves of a head, as HF Llama does, so no weight is permuted. With an MoE FFN
+in every layer (top-k router, renormalised gates, dense SwiGLU experts) it is Mixtral, whose
+experts HF stores one matrix per expert (w1 gate, w3 up, w2 down); Mixtral never drops a token, so
+an imported Mixtral is `dropless`.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from stacklm.training.trainer import CONFIG_FILE
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
-# What a Llama model is, in stacklm's config keys; anything else cannot be exported.
+# What a Llama or Mixtral model is, in stacklm's config keys; anything else cannot be exported.
 LLAMA_MODEL = {"attention.kind": "full", "attention.qkv": "dense", "attention.bias": False,
                "ffn.kind": "swiglu", "ffn.bias": False,
                "norm.kind": "rmsnorm", "position.kind": "rope"}
+MIXTRAL_MODEL = {**{k: v for k, v in LLAMA_MODEL.items() if k != "ffn.bias"}, "ffn.kind": "moe",
+                 "ffn.router": "topk", "ffn.every": 1, "ffn.shared_expert": False, "ffn.expert.kind": "swiglu"}
 # The Llama config.json values stacklm runs (each is also LlamaConfig's default, used when absent).
 LLAMA_CONFIG = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -52,10 +58,27 @@ def weight_map(m: ModelConfig) -> dict[str, list[tuple[str, int]]]:
                                          for p, n in (("q", q), ("k", kv), ("v", kv))],
             s + "attn.proj.out_proj.weight": [(h + "self_attn.o_proj.weight", m.d_model)],
             s + "ffn_norm.weight": [(h + "post_attention_layernorm.weight", m.d_model)],
-            s + "ffn.gate_up_proj.weight": [(h + f"mlp.{p}_proj.weight", ff) for p in ("gate", "up")],
-            s + "ffn.out_proj.weight": [(h + "mlp.down_proj.weight", m.d_model)],
         }
+        if m.ffn.kind == "moe":  # stacked (E, 2F, D) and (E, D, F), read as (E*2F, D) and (E*D, F)
+            e = h + "block_sparse_moe."
+            names |= {
+                s + "ffn.router.weight": [(e + "gate.weight", m.ffn.n_experts)],
+                s + "ffn.experts.gate_up_proj": [(e + f"experts.{j}.{w}.weight", ff)
+                                                 for j in range(m.ffn.n_experts) for w in ("w1", "w3")],
+                s + "ffn.experts.out_proj": [(e + f"experts.{j}.w2.weight", m.d_model)
+                                             for j in range(m.ffn.n_experts)],
+            }
+        else:
+            names |= {
+                s + "ffn.gate_up_proj.weight": [(h + f"mlp.{p}_proj.weight", ff) for p in ("gate", "up")],
+                s + "ffn.out_proj.weight": [(h + "mlp.down_proj.weight", m.d_model)],
+            }
     return names
+
+
+def rows(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as the 2-D stack of rows that `weight_map` names (stacked experts are 3-D)."""
+    return weight.flatten(0, -2) if weight.dim() > 2 else weight
 
 
 def check_free(out: Path) -> None:
@@ -80,23 +103,26 @@ def fresh_dir(out: Path):
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> None:
-    """Write the latest checkpoint of a run as a Hugging Face Llama directory in float32.
+    """Write the latest checkpoint of a run as a Hugging Face Llama (or, with an MoE FFN, Mixtral)
+    directory in float32.
 
     `out_dir` gets config.json, model.safetensors and the tokenizer files, and loads with
-    `LlamaForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. Raises UserError for a
-    model Llama cannot express (another FFN, norm, position or attention kind, or biases).
+    `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. Raises UserError for
+    a model neither can express (another FFN, norm, position or attention kind, biases, a switch
+    router).
     """
     check_free(Path(out_dir))  # before the slow part
     run = load_run(run_dir)
     m = run.model.config
-    for key, supported in LLAMA_MODEL.items():
+    arch, required = ("Mixtral", MIXTRAL_MODEL) if m.ffn.kind == "moe" else ("Llama", LLAMA_MODEL)
+    for key, supported in required.items():
         value = functools.reduce(getattr, key.split("."), m)
         if value != supported:
-            raise UserError(f"{run_dir}: model.{key}={value!r} cannot be exported; a Hugging Face Llama "
+            raise UserError(f"{run_dir}: model.{key}={value!r} cannot be exported; a Hugging Face {arch} "
                             f"model needs model.{key}={supported!r}")
     tok = run.tokenizer
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
+        "architectures": [f"{arch}ForCausalLM"], "model_type": arch.lower(), "vocab_size": m.vocab_size,
         "hidden_size": m.d_model, "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm.eps,
@@ -108,10 +134,14 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> None:
         "bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
         "torch_dtype": "float32",
     }
+    if arch == "Mixtral":
+        config |= {"num_local_experts": m.ffn.n_experts, "num_experts_per_tok": m.ffn.top_k,
+                   "router_aux_loss_coef": m.ffn.load_balance_coef, "router_jitter_noise": m.ffn.jitter,
+                   "sliding_window": None, "output_router_logits": False}
     specials = {"bos_token": EOS, "eos_token": EOS, "pad_token": PAD}
     state = run.model.state_dict()
     weights = {hf: w.clone() for name, parts in weight_map(m).items()
-               for (hf, _), w in zip(parts, state[name].split([n for _, n in parts]), strict=True)}
+               for (hf, _), w in zip(parts, rows(state[name]).split([n for _, n in parts]), strict=True)}
     with fresh_dir(Path(out_dir)) as tmp:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -135,10 +165,20 @@ def read_json(path: Path) -> dict:
 
 
 def stacklm_config(raw: dict, path: Path, out: Path, n_sentinels: int) -> Config:
-    """The stacklm Config of a Llama config.json; UserError for what stacklm's Llama cannot run."""
-    if raw.get("model_type") != "llama":
+    """The stacklm Config of a Llama or Mixtral config.json; UserError for what stacklm cannot run."""
+    if raw.get("model_type") not in ("llama", "mixtral"):
         raise UserError(f"{path}: model_type {raw.get('model_type')!r} is not supported; "
-                        f"import-hf reads Llama models (model_type 'llama')")
+                        f"import-hf reads Llama and Mixtral models (model_type 'llama' or 'mixtral')")
+    ffn = {"kind": "swiglu"}
+    if raw["model_type"] == "mixtral":
+        window = raw.get("sliding_window")
+        if window is not None and window < raw.get("max_position_embeddings", 2048):
+            raise UserError(f"{path}: sliding_window={window} is not supported; stacklm's Mixtral "
+                            f"attends to the whole context (sliding_window null)")
+        ffn = {"kind": "moe", "router": "topk", "n_experts": raw.get("num_local_experts", 8),
+               "top_k": raw.get("num_experts_per_tok", 2), "dropless": True,
+               "load_balance_coef": raw.get("router_aux_loss_coef", 0.001),
+               "jitter": raw.get("router_jitter_noise", 0.0)}
     for key, supported in LLAMA_CONFIG.items():
         if raw.get(key, supported) != supported:
             raise UserError(f"{path}: {key}={raw[key]!r} is not supported; stacklm needs {key}={supported!r}")
@@ -162,7 +202,7 @@ def stacklm_config(raw: dict, path: Path, out: Path, n_sentinels: int) -> Config
                       "n_layers": raw["num_hidden_layers"], "n_heads": raw["num_attention_heads"],
                       "n_kv_heads": raw.get("num_key_value_heads"), "d_ff": raw["intermediate_size"],
                       "max_seq_len": max_len, "tie_embeddings": raw.get("tie_word_embeddings", False),
-                      "init_std": raw.get("initializer_range", 0.02),
+                      "init_std": raw.get("initializer_range", 0.02), "ffn": ffn,
                       "norm": {"kind": "rmsnorm", "eps": raw.get("rms_norm_eps", 1e-6)},
                       "position": {"kind": "rope", "theta": rope.get("rope_theta", raw.get("rope_theta", 1e4))}},
             "data": {"seq_len": min(256, max_len), "sentinel_tokens": n_sentinels},
@@ -184,7 +224,8 @@ def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Read a Hugging Face Llama directory into a new stacklm run directory (default runs/<name>).
+    """Read a Hugging Face Llama or Mixtral directory into a new stacklm run directory (default
+    runs/<name>).
 
     The directory needs config.json, model.safetensors (or a sharded index) and a tokenizer.json
     that has stacklm's <eos> and <pad> tokens; a tokenizer without them (such as Meta's Llama
@@ -218,10 +259,13 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         missing = [h for h, _ in parts if h not in hf]
         if missing:
             raise UserError(f"{hf_dir} has no weight {missing[0]}")
-        state[name] = torch.cat([hf[h] for h, _ in parts]).float()
-        if state[name].shape != expected[name].shape:
-            raise UserError(f"{hf_dir}: {', '.join(h for h, _ in parts)} has shape {tuple(state[name].shape)}, "
-                            f"but config.json implies {tuple(expected[name].shape)}")
+        stacked = torch.cat([hf[h] for h, _ in parts]).float()
+        want = rows(expected[name]).shape
+        if stacked.shape != want:
+            names = parts[0][0] if len(parts) < 4 else f"{parts[0][0]}, ... ({len(parts)} weights)"
+            raise UserError(f"{hf_dir}: {names} has shape {tuple(stacked.shape)} stacked, but config.json "
+                            f"implies {tuple(want)}")
+        state[name] = stacked.view_as(expected[name])
     if config.model.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state)

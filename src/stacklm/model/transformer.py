@@ -15,18 +15,18 @@ from stacklm.registry import ATTENTION, FFN, NORM, POSITION
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = NORM.build(cfg.norm, cfg.d_model)
         self.attn = ATTENTION.build(cfg.attention, cfg)
         self.ffn_norm = NORM.build(cfg.norm, cfg.d_model)
-        self.ffn = FFN.build(cfg.ffn, cfg)
+        self.ffn = FFN.build(cfg.ffn.for_layer(layer), cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, position, cache=None) -> torch.Tensor:
         # x: (B, T, D)
         x = x + self.dropout(self.attn(self.attn_norm(x), position, cache))
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x + self.dropout(self.ffn(self.ffn_norm(x), cache is not None))
 
 
 class DecodeState:
@@ -54,7 +54,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.position = POSITION.build(cfg.position, cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = NORM.build(cfg.norm, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -101,6 +101,24 @@ class Transformer(nn.Module):
         return DecodeState([b.attn.new_cache(batch, max_len, dtype or ref.dtype, ref.device)
                             for b in self.blocks])
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The sum of the auxiliary losses (MoE load balance, router z-loss) that modules kept as
+        `aux_loss` in the last forward, which training adds to the objective's loss; None if none."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+        return sum(losses) if losses else None
+
+    def layer_metrics(self) -> dict[str, float | list[float]]:
+        """Statistics of the last forward from the layers that keep some (MoE routing), keyed
+        `layer{i}.{name}`, plus their means over layers keyed by name."""
+        out, totals = {}, {}
+        for i, block in enumerate(self.blocks):
+            metrics = getattr(block.ffn, "metrics", None)
+            for name, value in (metrics() if metrics is not None else {}).items():
+                out[f"layer{i}.{name}"] = value
+                if not isinstance(value, list):
+                    totals.setdefault(name, []).append(value)
+        return {**{name: sum(v) / len(v) for name, v in totals.items()}, **out}
+
     def num_params(self, embedding: bool = True) -> int:
         """Parameter count (shared tensors once); without the input embedding if embedding=False."""
         n = sum(p.numel() for p in self.parameters())
@@ -110,12 +128,16 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token, as in PaLM (Chowdhery et al. 2022, appendix B):
-        2N for the weight matmuls plus 4 * n_layers * seq_len * d_attn for the attention scores
+        2N for the weight matmuls (N the active ones: an MoE layer's router and top-k experts) plus 4 * n_layers * seq_len * d_attn for the attention scores
         and their weighted sum,
         tripled for forward + backward."""
         cfg = self.config
+        # An MoE layer counts the weights one token passes through (its active parameters)
+        routed = [m for m in self.modules() if hasattr(m, "active_matmul_params")]
+        inside = {id(p) for m in routed for p in m.parameters()}
         n_matmul = sum(p.numel() for name, p in self.named_parameters()
-                       if p.dim() == 2 and not name.startswith("embed."))
+                       if p.dim() == 2 and not name.startswith("embed.") and id(p) not in inside)
+        n_matmul += sum(m.active_matmul_params() for m in routed)
         if cfg.tie_embeddings:
             n_matmul += self.lm_head.weight.numel()
         forward = 2 * n_matmul + 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim

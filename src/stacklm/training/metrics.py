@@ -41,7 +41,9 @@ class MetricsLogger:
         self.file.flush()
         if self.tb is not None:
             for name, value in values.items():
-                self.tb.add_scalar(f"{split}/{name}", value, step)
+                for suffix, v in ([(f"/{i}", v) for i, v in enumerate(value)] if isinstance(value, list)
+                                  else [("", value)]):
+                    self.tb.add_scalar(f"{split}/{name}{suffix}", v, step)
 
     def close(self) -> None:
         if self.file is not None:

@@ -176,7 +176,8 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
             with sync:
                 with autocast:
                     loss = objective.loss(net, batch)
-                (loss / tcfg.grad_accum).backward()
+                    aux = model.auxiliary_loss()  # MoE load balance and router z-loss, if any
+                ((loss if aux is None else loss + aux) / tcfg.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         mean_loss = info.all_reduce_sum(loss_sum / tcfg.grad_accum).item() / info.world
@@ -200,7 +201,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         if step % tcfg.log_every == 0 or step == tcfg.steps:
             metrics.log(step, "train", loss=mean_loss, lr=lr, grad_norm=float(grad_norm),
-                        tokens_per_s=tokens_per_s, skipped_steps=skipped)
+                        tokens_per_s=tokens_per_s, skipped_steps=skipped, **model.layer_metrics())
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
             val = run_eval()
             metrics.log(step, "val", **val)

@@ -1,0 +1,177 @@
+"""Mixture-of-Experts against its dense twin, in one run: configs/switch-moe.yaml (8 SwiGLU experts,
+top-1, capacity factor 1.25, in every layer) vs configs/default.yaml (one SwiGLU FFN of the same
+width), so both pass each token through the same number of weights.
+
+1. Dispatch: one MoE layer at the preset's size, forward + backward over a training batch, bf16
+   autocast, with three implementations on the same weights: a naive loop over experts that
+   gathers each expert's tokens with a boolean mask (the way HF Mixtral's reference code does),
+   stacklm's sort-by-expert with one matmul per expert's contiguous slice (`dispatch: loop`), and
+   the same with one grouped GEMM (`dispatch: grouped`, `torch._grouped_mm`); the dense FFN of the
+   same width is the floor.
+2. Training step time (forward, backward, AdamW) of the two presets, bf16 autocast, eager.
+3. Decoding: batch-1 ms/token with the KV cache, (time for n tokens - time for 1) / (n - 1).
+4. Quality: both presets trained for the same steps, seed and batches on the default corpus, the
+   MoE validated every `--eval-every` steps. steps_to_dense_loss is the first step at which the
+   MoE's validation loss reaches the dense model's final one (linear between validations), over
+   the dense model's steps.
+
+All timed calls take turns (A B A B ...); each ratio is the median of the per-round ratios.
+
+    python -m benchmarks.moe [--quick] [--skip-quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+import stacklm
+from benchmarks.common import alternate, headline, load_average, machine, median, speedup, table
+from stacklm.device import keep_freed_memory_on_cpu
+from stacklm.model.moe import MoE
+from stacklm.training.metrics import read_metrics
+from stacklm.training.optim import param_groups
+
+PRESETS = {"dense": "default", "MoE": "switch-moe"}
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The reference loop: for each expert, mask out its tokens, run it, scatter back (dropless)."""
+    flat = x.reshape(-1, x.size(-1))
+    probs = F.linear(flat.float(), moe.router.weight.float()).softmax(-1)
+    gate, expert = probs.max(-1)
+    out = torch.zeros_like(flat, dtype=torch.float32)
+    w_in, w_out = moe.experts.gate_up_proj, moe.experts.out_proj
+    for e in range(moe.n_experts):
+        mask = expert == e
+        if mask.any():
+            g, u = F.linear(flat[mask], w_in[e]).chunk(2, -1)
+            out[mask] = (F.linear(F.silu(g) * u, w_out[e]) * gate[mask, None]).float()
+    return out.view_as(x)
+
+
+def dispatch(rounds: int, batch: int, seq_len: int) -> list:
+    config = stacklm.Config.load("configs/switch-moe.yaml", ["model.ffn.dropless=true"])
+    dense = stacklm.build_model(stacklm.Config.load("configs/default.yaml")).blocks[0].ffn
+    moe = stacklm.build_model(config).blocks[0].ffn.train()
+    x = torch.randn(batch, seq_len, config.model.d_model, requires_grad=True)
+
+    def run(f):
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = f(x)
+            y.float().square().mean().backward()
+        return call
+
+    def sorted_with(impl):
+        def f(x):
+            moe.experts.dispatch = impl
+            return moe(x)
+        return f
+
+    fns = {"dense FFN (floor)": run(dense), "naive mask loop": run(lambda x: naive_moe(moe, x)),
+           "sorted + loop": run(sorted_with("loop")), "sorted + grouped GEMM": run(sorted_with("grouped"))}
+    times = alternate(fns, rounds)
+    base = times["naive mask loop"]
+    return [[name, f"{1000 * median(t):.1f}", f"{speedup(base, t):.2f}x", f"{median(t) / median(times['dense FFN (floor)']):.2f}x"]
+            for name, t in times.items()]
+
+
+def models():
+    return {name: stacklm.build_model(stacklm.Config.load(f"configs/{preset}.yaml")) for name, preset in PRESETS.items()}
+
+
+def train_steps(rounds: int, batch: int, seq_len: int) -> tuple[list, list[float]]:
+    keep_freed_memory_on_cpu()
+    fns = {}
+    for name, model in models().items():
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=True)
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
+
+        def step(model=model, opt=opt, ids=ids):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(ids[:, :-1], targets=ids[:, 1:])
+                aux = model.auxiliary_loss()
+            (loss if aux is None else loss + aux).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fns[name] = step
+    times = alternate(fns, rounds)
+    ratios = [m / d for m, d in zip(times["MoE"], times["dense"], strict=True)]
+    rows = [[name, f"{1000 * median(times[name]):.0f}", f"{median(ratios) if name == 'MoE' else 1.0:.2f}x"]
+            for name in fns]
+    return rows, ratios
+
+
+def decode(rounds: int, new_tokens: int) -> list:
+    built = {name: m.eval() for name, m in models().items()}
+    prompt = torch.randint(0, 8192, (1, 16))
+    calls = {(name, n): (lambda m=m, n=n: stacklm.generate(m, prompt, n, temperature=0))
+             for name, m in built.items() for n in (new_tokens, 1)}
+    times = alternate(calls, rounds)
+    steps = {name: [(t - t1) / (new_tokens - 1) for t, t1 in zip(times[name, new_tokens], times[name, 1], strict=True)]
+             for name in built}
+    return [[name, f"{1000 * median(steps[name]):.2f}", f"{speedup(steps['dense'], steps[name]):.2f}x"]
+            for name in built]
+
+
+def quality(steps: int | None, eval_every: int) -> dict:
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, preset in PRESETS.items():
+            overrides = [f"train.out_dir={tmp}/{preset}", "train.progress=false", "eval.sample_tokens=0",
+                         f"train.eval_every={eval_every}", "train.eval_batches=10", "train.ckpt_every=0"]
+            if steps is not None:
+                overrides += [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}"]
+            stacklm.train(stacklm.Config.load(f"configs/{preset}.yaml", overrides))
+            curves[name] = [(r["step"], r["loss"]) for r in read_metrics(f"{tmp}/{preset}", "val")]
+            print(f"{name}: validation loss by step {curves[name]}", flush=True)
+    return curves
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which the curve reaches `target`, linear between points; None if never."""
+    previous = (0, float("inf"))
+    for step, loss in curve:
+        if loss <= target:
+            s0, l0 = previous
+            return step if l0 == float("inf") else s0 + (step - s0) * (l0 - target) / (l0 - loss)
+        previous = (step, loss)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and 100 training steps per model")
+    parser.add_argument("--skip-quality", action="store_true", help="no training of the twins")
+    parser.add_argument("--eval-every", type=int, default=None, help="MoE validation interval (default steps/14)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"machine: {machine()}; load average {load_average()}")
+    rounds = 3 if args.quick else 7
+    print(table(dispatch(rounds, 8 if args.quick else 16, 256),
+                ["one MoE layer, fwd+bwd bf16", "ms", "vs naive", "vs dense FFN"]), flush=True)
+    step_rows, ratios = train_steps(rounds, 8 if args.quick else 16, 256)
+    print(table(step_rows, ["training step, bf16", "ms/step", "time vs dense"]), flush=True)
+    print(table(decode(rounds, 16 if args.quick else 48), ["decode, batch 1", "ms/token", "speed vs dense"]), flush=True)
+    headline("step_time_ratio", median(ratios), 1.35, "x (MoE / dense-active training step time, bf16, CPU)")
+    if not args.skip_quality:
+        steps = 100 if args.quick else None
+        total = steps or stacklm.Config.load("configs/default.yaml").train.steps
+        curves = quality(steps, args.eval_every or max(1, total // 14))
+        dense_final = curves["dense"][-1][1]
+        reached = steps_to_reach(curves["MoE"], dense_final)
+        print(table([[name, f"{c[-1][1]:.4f}"] for name, c in curves.items()], ["model", "final val loss"]))
+        print(f"dense final validation loss {dense_final:.4f} after {total} steps; MoE reaches it at "
+              f"{'never' if reached is None else f'step {reached:.0f}'}")
+        print(f"load average after: {load_average()}")
+        headline("steps_to_dense_loss", reached / total if reached is not None else float("inf"), 0.7,
+                 "fraction of the dense model's steps the MoE needs to reach its final validation loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from stacklm.config import Config
+from stacklm.model.transformer import build_model
+from stacklm.training.expert_parallel import ExpertParallel, apply_expert_parallel
+
+WORLD = 2
+CASES = {
+    "switch, dense experts, capacity drops": ["model.ffn.capacity_factor=1.0"],
+    "top-2, sparse experts": ["model.ffn.router=topk", "model.ffn.expert=sparse",
+                              "model.ffn.expert.block_size=8", "model.ffn.expert.quant_prob=0"],
+}
+
+
+def build(overrides):
+    torch.manual_seed(0)  # the same weights on every rank
+    cfg = Config.load("configs/tiny.yaml", ["model.d_model=32", "model.n_heads=4", "model.d_ff=64",
+                                            "model.ffn=moe", "model.ffn.n_experts=4", *overrides])
+    return build_model(cfg).train()
+
+
+def loss_of(model, ids):
+    return model(ids[:, :-1], targets=ids[:, 1:]) + model.auxiliary_loss()
+
+
+def worker(rank: int, store: str, overrides: list[str]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        reference = build(overrides)
+        batches = [torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(r)) for r in range(WORLD)]
+        # One process holding every expert: the summed loss of both ranks' batches
+        sum(loss_of(reference, ids) for ids in batches).backward()
+        ref_loss = loss_of(reference, batches[rank]).item()
+
+        model = apply_expert_parallel(build(overrides))
+        moe = model.blocks[0].ffn
+        assert isinstance(moe.experts, ExpertParallel) and moe.experts.n_local == 2
+        loss = loss_of(model, batches[rank])
+        if "model.ffn.capacity_factor=1.0" in overrides:
+            assert moe.stats["dropped_fraction"].item() > 0  # the drop path is exercised
+        loss.backward()
+        torch.testing.assert_close(loss.item(), ref_loss, rtol=1e-5, atol=1e-6)
+        expected = dict(reference.named_parameters())
+        first = moe.experts.first
+        for name, p in model.named_parameters():
+            grad = p.grad
+            listed = re.search(r"\.experts\.local\.experts\.(\d+)\.", name)
+            if listed:  # a whole expert module: local i is global first + i
+                want = expected[name.replace(listed.group(0), f".experts.experts.{first + int(listed.group(1))}.")].grad
+            elif ".experts.local." in name:  # stacked weights: this rank's slice
+                want = expected[name.replace(".experts.local.", ".experts.")].grad[first : first + 2]
+            else:  # replicated: the ranks' gradients add up, as a DDP all-reduce would
+                dist.all_reduce(grad := grad.clone())
+                want = expected[name].grad
+            torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_match_one_process_holding_all_experts(case, tmp_path):
+    """2 gloo processes, each with half the experts and its own batch, give the same losses and
+    gradients as one process with every expert running both batches."""
+    mp.spawn(worker, args=(str(tmp_path / "store"), CASES[case]), nprocs=WORLD, join=True)
