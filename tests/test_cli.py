@@ -61,3 +61,26 @@ def test_help_explains_commands(capsys):
     out = capsys.readouterr().out
     for command in ("train", "generate", "eval", "export", "import-hf"):
         assert command in out
+
+
+def test_eval_context_sweep_writes_table_and_plot(args, tmp_path, capsys):
+    assert main(["train", *args, "train.steps=4", "model.position.kind=alibi", "eval.sample_tokens=0"]) == 0
+    run, out = str(tmp_path / "run"), tmp_path / "sweep"
+    capsys.readouterr()
+    # 256 is past max_seq_len (128): ALiBi needs no table, so the model is built longer
+    assert main(["eval", run, "--context", "64,32,256", "--tokens", "2048", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ppl / ppl@32" in printed and "context.png" in printed
+    rows = json.loads((out / "context.json").read_text())[run]
+    assert [r["context"] for r in rows] == [32, 64, 256]
+    assert all(r["tokens"] >= 1792 for r in rows)  # about --tokens scored at every length
+    assert (out / "context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["eval", run, "--context", "64", "model.d_model=8"]) == 2
+    assert "eval can change only model.position.* and model.attention.*" in capsys.readouterr().err
+
+
+def test_eval_context_past_learned_positions_is_refused(args, tmp_path, capsys):
+    assert main(["train", *args, "train.steps=2", "model.position.kind=learned", "eval.sample_tokens=0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--context", "64,256"]) == 2
+    assert "learned positions exist for 128 positions" in capsys.readouterr().err

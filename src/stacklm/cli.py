@@ -16,6 +16,7 @@ EPILOG = """examples:
   torchrun --standalone --nproc_per_node 2 --no-python stacklm train configs/default.yaml
   stacklm generate runs/default --prompt "def main(" --max-new-tokens 100
   stacklm eval runs/default --data 'docs/**/*.md'
+  stacklm eval runs/alibi runs/rope --context 256,512,1024,2048   perplexity vs length, PNG plot
   stacklm export runs/default --format hf out/llama
   stacklm import-hf out/llama --out runs/imported
 """
@@ -108,30 +109,107 @@ def cmd_generate(args) -> None:
                   args.compile)
 
 
+# Settings `stacklm eval` may change on a trained model: how it attends, not what its weights are.
+EVAL_OVERRIDABLE = ("model.position.", "model.attention.")
+
+
 def cmd_eval(args) -> None:
     from stacklm.data import prepare_data
     from stacklm.device import resolve_device
-    from stacklm.evaluate import evaluate
+    from stacklm.evaluate import context_sweep, evaluate
     from stacklm.runs import load_run
 
+    runs = [item for item in args.items if "=" not in item]
+    overrides = [item for item in args.items if "=" in item]
+    if not runs:
+        raise UserError("name at least one run directory")
+    for item in overrides:
+        if not item.startswith(EVAL_OVERRIDABLE):
+            raise UserError(f"{item!r}: eval can change only {' and '.join(k + '*' for k in EVAL_OVERRIDABLE)} "
+                            f"of a trained model")
+    contexts = parse_contexts(args.context) if args.context else None
+    if contexts and args.seq_len:
+        raise UserError("give --seq-len or --context, not both")
     device = resolve_device(args.device)
-    run = load_run(args.run, device)
-    data_cfg = run.config.data
-    if args.data is not None:
-        data_cfg.source = args.data
-    data = prepare_data(data_cfg, run.config.model.vocab_size, run.tokenizer, split=args.data is None,
-                        progress=False, log=lambda m: print(m, file=sys.stderr))
-    seq_len = args.seq_len or data_cfg.seq_len
-    if seq_len > run.config.model.max_seq_len:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({run.config.model.max_seq_len})")
-    result = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size,
-                      args.batches if args.batches else run.config.eval.max_batches, device)
-    if args.json:
-        print(json.dumps(result))
-    else:
+    sweeps = {}
+    for run_dir in runs:
+        run = load_run(run_dir, device, overrides=overrides + stretch(run_dir, overrides, contexts))
+        data_cfg = run.config.data
+        if args.data is not None:
+            data_cfg.source = args.data
+        data = prepare_data(data_cfg, run.config.model.vocab_size, run.tokenizer, split=args.data is None,
+                            progress=False, log=lambda m: print(m, file=sys.stderr))
         which = "validation split" if args.data is None else args.data
-        print(f"{which}: loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  "
-              f"bits-per-byte {result['bpb']:.4f}  ({result['tokens']} tokens)")
+        if contexts:
+            sweeps[run_dir] = context_sweep(run.model, data.val, contexts, args.tokens,
+                                            run.config.eval.batch_size * data_cfg.seq_len, device)
+            if not args.json:
+                print_sweep(run_dir, which, sweeps[run_dir], data_cfg.seq_len)
+            continue
+        seq_len = args.seq_len or data_cfg.seq_len
+        if seq_len > run.config.model.max_seq_len:
+            raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({run.config.model.max_seq_len})")
+        result = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size,
+                          args.batches if args.batches else run.config.eval.max_batches, device)
+        if args.json:
+            print(json.dumps({"run": run_dir, **result}) if len(runs) > 1 else json.dumps(result))
+        else:
+            print(f"{run_dir}: {which}: loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  "
+                  f"bits-per-byte {result['bpb']:.4f}  ({result['tokens']} tokens)")
+    if contexts:
+        write_sweeps(sweeps, args.out or os.path.join(runs[0], "context"), args.json)
+
+
+def parse_contexts(text: str) -> list[int]:
+    try:
+        contexts = [int(part) for part in text.split(",")]
+    except ValueError:
+        contexts = []
+    if not contexts or min(contexts) < 1:
+        raise UserError(f"--context {text!r}: expected comma-separated token counts, e.g. 256,512,1024")
+    return sorted(set(contexts))
+
+
+def stretch(run_dir: str, overrides: list[str], contexts: list[int] | None) -> list[str]:
+    """The override that lets the model run the longest context, if it needs one."""
+    from stacklm.config import Config
+    from stacklm.training.trainer import CONFIG_FILE
+
+    if not contexts:
+        return []
+    model = Config.load(os.path.join(run_dir, CONFIG_FILE), overrides).model
+    if max(contexts) <= model.max_seq_len:
+        return []
+    if model.position.kind == "learned":
+        raise UserError(f"{run_dir}: learned positions exist for {model.max_seq_len} positions "
+                        f"(model.max_seq_len); --context can go up to that")
+    return [f"model.max_seq_len={max(contexts)}"]
+
+
+def print_sweep(run_dir: str, which: str, rows: list[dict], trained: int) -> None:
+    print(f"{run_dir}: {which}, trained at {trained} tokens")
+    print(f"{'context':>8} {'loss':>8} {'perplexity':>11} {'bits/byte':>10} {'ppl / ppl@' + str(rows[0]['context']):>14}")
+    for row in rows:
+        print(f"{row['context']:>8} {row['loss']:>8.4f} {row['ppl']:>11.2f} {row['bpb']:>10.4f} "
+              f"{row['ppl'] / rows[0]['ppl']:>14.3f}")
+
+
+def write_sweeps(sweeps: dict[str, list[dict]], out: str, as_json: bool) -> None:
+    from pathlib import Path
+
+    from stacklm.plots import line_plot
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "context.json").write_text(json.dumps(sweeps, indent=2))
+    series = {Path(run).name: ([r["context"] for r in rows], [r["ppl"] for r in rows]) for run, rows in sweeps.items()}
+    plotted = line_plot(out_dir / "context.png", series, "evaluation context (tokens)", "perplexity",
+                        "Perplexity vs evaluation context", logx=True)
+    if as_json:
+        print(json.dumps(sweeps))
+        return
+    print(f"wrote {out_dir / 'context.json'}" + (f" and {out_dir / 'context.png'}" if plotted else
+          " (no plot: pip install 'stacklm[plot]' for matplotlib)"))
 
 
 def cmd_export(args) -> None:
@@ -191,11 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run on any data",
-                       description="Evaluate a run on its validation split, or on every document of --data.")
-    p.add_argument("run", metavar="RUN_DIR")
+                       description="Evaluate runs on their validation split, or on every document of --data. "
+                                   "key=value items change model.position.* or model.attention.* for the "
+                                   "evaluation (e.g. model.position.scaling=ntk model.position.factor=4).")
+    p.add_argument("items", nargs="+", metavar="RUN_DIR [RUN_DIR ...] [key=value ...]")
     p.add_argument("--data", default=None, help="a data.source: file, directory, glob, .jsonl, 'default'")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--batches", type=int, default=None, help="at most this many batches")
+    p.add_argument("--context", default=None, metavar="N,N,...",
+                   help="perplexity at each context length (e.g. 256,512,1024,2048) on the same text; "
+                        "writes context.json and context.png to --out")
+    p.add_argument("--tokens", type=int, default=131072, help="with --context: tokens scored at each length")
+    p.add_argument("--out", default=None, help="with --context: output directory (default RUN_DIR/context)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_eval)
@@ -219,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value items may follow the options (`stacklm eval RUN --context 512 model.position.factor=2`)
+    if extra and (not hasattr(args, "items") or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.items += extra
     try:
         args.func(args)
     except UserError as e:

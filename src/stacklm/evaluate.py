@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from stacklm.data.store import TokenStore
+from stacklm.errors import UserError
 from stacklm.training.distributed import Dist
 
 
@@ -41,3 +42,23 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
     loss = (total[0] / total[1]).item()
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
             "bpb": loss / math.log(2) / store.bytes_per_token, "tokens": int(total[1].item())}
+
+
+def context_sweep(model, store: TokenStore, contexts: list[int], tokens: int, batch_tokens: int,
+                  device: torch.device, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """`evaluate` at each context length on the same first `tokens` tokens of `store`, cut into
+    non-overlapping windows of that length (Press et al.'s non-overlapping evaluation: every
+    token is scored once, with the tokens before it in its window as context).
+
+    Batches hold about `batch_tokens` tokens whatever the length. Returns one dict per length:
+    `context` plus evaluate's loss, ppl, bpb, tokens.
+    """
+    results = []
+    for context in contexts:
+        if context + 1 > store.n_tokens:
+            raise UserError(f"--context {context}: the evaluation text has only {store.n_tokens} tokens")
+        batch = max(1, batch_tokens // context)
+        windows = max(1, tokens // context)
+        result = evaluate(model, store, context, batch, -(-windows // batch), device, dtype)
+        results.append({"context": context, **result})
+    return results

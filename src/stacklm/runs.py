@@ -24,12 +24,16 @@ class Run:
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> Run:
-    """The latest checkpoint of a run, its tokenizer and config; the model is in eval mode."""
+             dtype: torch.dtype = torch.float32, overrides: list[str] | None = None) -> Run:
+    """The latest checkpoint of a run, its tokenizer and config; the model is in eval mode.
+
+    `overrides` (`key=value`, as on the command line) change the saved config before the model is
+    built, e.g. `model.max_seq_len=4096` to evaluate past the training length.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).exists():
         raise UserError(f"{run_dir} is not a stacklm run directory (no {CONFIG_FILE})")
-    config = Config.load(run_dir / CONFIG_FILE)
+    config = Config.load(run_dir / CONFIG_FILE, overrides)
     checkpoint = Checkpointer(run_dir / "checkpoints").latest()
     if checkpoint is None:
         raise UserError(f"{run_dir} has no checkpoint yet")

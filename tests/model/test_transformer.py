@@ -18,7 +18,13 @@ CASES = [(), ("model.n_kv_heads=2",), ("model.n_kv_heads=1",), ("model.ffn.kind=
           "model.attention.qkv_sparsity=2"),
          ("model.ffn.kind=moe", "model.ffn.dropless=true"),
          ("model.ffn.kind=moe", "model.ffn.router=topk", "model.ffn.every=2", "model.ffn.shared_expert=true"),
-         ("model.ffn.kind=moe", "model.ffn.expert=sparse", "model.ffn.expert.block_size=8", "model.ffn.dropless=true")]
+         ("model.ffn.kind=moe", "model.ffn.expert=sparse", "model.ffn.expert.block_size=8", "model.ffn.dropless=true"),
+         ("model.position.kind=alibi",), ("model.position.kind=t5",), ("model.position.kind=xpos",),
+         ("model.position.kind=learned",), ("model.position.scaling=ntk", "model.position.factor=4"),
+         ("model.attention.kind=local", "model.attention.window=7", "model.n_kv_heads=2"),
+         ("model.attention.kind=local", "model.attention.window=5", "model.attention.full_every=2",
+          "model.position.kind=t5"),
+         ("model.attention.kind=local", "model.attention.window=6", "model.attention.qkv=multiplicative_conv")]
 
 
 @pytest.mark.parametrize("overrides", CASES)

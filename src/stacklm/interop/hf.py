@@ -35,7 +35,7 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # What a Llama or Mixtral model is, in stacklm's config keys; anything else cannot be exported.
 LLAMA_MODEL = {"attention.kind": "full", "attention.qkv": "dense", "attention.bias": False,
                "ffn.kind": "swiglu", "ffn.bias": False,
-               "norm.kind": "rmsnorm", "position.kind": "rope"}
+               "norm.kind": "rmsnorm", "position.kind": "rope", "position.scaling": "none"}
 MIXTRAL_MODEL = {**{k: v for k, v in LLAMA_MODEL.items() if k != "ffn.bias"}, "ffn.kind": "moe",
                  "ffn.router": "topk", "ffn.every": 1, "ffn.shared_expert": False, "ffn.expert.kind": "swiglu"}
 # The Llama config.json values stacklm runs (each is also LlamaConfig's default, used when absent).

@@ -46,6 +46,20 @@ class AttentionConfig(ComponentConfig):
                             f"set model.n_kv_heads to null or to n_heads ({cfg.n_heads})")
 
 
+@dataclasses.dataclass
+class EfficientAttentionConfig(AttentionConfig):
+    """Options shared by the kinds that approximate full attention (local, lsh)."""
+
+    full_every: int = option(0, ge=0, help="every k-th layer (layers k-1, 2k-1, ...) uses full "
+                             "attention instead (0: none)")
+
+    def for_layer(self, layer: int) -> AttentionConfig:
+        if self.full_every and (layer + 1) % self.full_every == 0:
+            shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AttentionConfig)}
+            return AttentionConfig(**{**shared, "kind": "full"})
+        return self
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, preallocated to max_len.
 
@@ -78,11 +92,16 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
 
 @QKV.register("dense")
 class DenseQKV(nn.Module):
-    """q, k, v = x W_qkv (one fused matmul); out(y) = y W_o."""
+    """q, k, v = x W_qkv (one fused matmul); out(y) = y W_o.
 
-    def __init__(self, options: AttentionConfig, cfg):
+    With shared_qk (Reformer's shared-QK attention) there is no key projection and k is q.
+    """
+
+    def __init__(self, options: AttentionConfig, cfg, shared_qk: bool = False):
         super().__init__()
-        self.split = [cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+        self.shared_qk = shared_qk
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.split = [q, kv] if shared_qk else [q, kv, kv]
         self.qkv_proj = nn.Linear(cfg.d_model, sum(self.split), bias=options.bias)
         self.out_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=options.bias)
 
@@ -90,7 +109,10 @@ class DenseQKV(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: (B, T, D) -> q (B, T, H * hd), k and v (B, T, Hkv * hd)
+        # x: (B, T, D) -> q (B, T, H * hd), k and v (B, T, Hkv * hd); k = q when shared
+        if self.shared_qk:
+            q, v = self.qkv_proj(x).split(self.split, dim=-1)
+            return q, q, v
         return self.qkv_proj(x).split(self.split, dim=-1)
 
     def out(self, y: torch.Tensor) -> torch.Tensor:
@@ -123,23 +145,40 @@ class CausalSelfAttention(nn.Module):
         q, k = position.rotate(q, k, start)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, start + T, hd)
-        y = self.attend(q, k, v, position.bias(t, k.size(2), start))
+        positions = torch.arange(k.size(2), device=x.device).view(1, 1, -1)
+        bias = position_bias(position, positions[..., start:], positions)
+        y = causal_attention(q, k, v, bias, self.dropout if self.training else 0.0)
         return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
 
-    def attend(self, q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
-        # q: (B, H, Tq, hd), k, v: (B, Hkv, Tk, hd); the queries are the last Tq of Tk positions
-        t_q, t_k = q.size(2), k.size(2)
-        dropout = self.dropout if self.training else 0.0
-        gqa = self.n_kv_heads != self.n_heads
-        if prefer_explicit(q, t_k):
-            return explicit_attention(q, k, v, attention_mask(t_q, t_k, bias, q), dropout)
-        if bias is None and t_q == 1:  # one new token sees every cached position
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
-        if bias is None and t_q == t_k:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                  enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(t_q, t_k, bias, q),
-                                              dropout_p=dropout, enable_gqa=gqa)
+
+def causal_attention(q, k, v, bias: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention where the queries are the last Tq of Tk positions, with an optional
+    additive position bias (..., H, Tq, Tk)."""
+    # q: (..., H, Tq, hd), k, v: (..., Hkv, Tk, hd) -> (..., H, Tq, hd)
+    t_q, t_k = q.size(-2), k.size(-2)
+    if bias is None and t_q == 1:  # one new token sees every cached position
+        return masked_attention(q, k, v, None, dropout)
+    if bias is None and t_q == t_k and not prefer_explicit(q, t_k):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                              enable_gqa=k.size(-3) != q.size(-3))
+    return masked_attention(q, k, v, attention_mask(t_q, t_k, bias, q), dropout)
+
+
+def masked_attention(q, k, v, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v; mask boolean (True: may look), additive, or None."""
+    # q: (..., H, Tq, hd), k, v: (..., Hkv, Tk, hd) -> (..., H, Tq, hd)
+    if prefer_explicit(q, k.size(-2)):
+        return explicit_attention(q, k, v, mask, dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                          enable_gqa=k.size(-3) != q.size(-3))
+
+
+def position_bias(position, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """The position's score bias for queries at q_pos (B|1, H|1, ..., Tq) and keys at k_pos
+    (B|1, H|1, ..., Tk): (B|1, H, ..., Tq, Tk), or None for a position kind without one."""
+    if not position.has_bias:
+        return None
+    return position.bias(q_pos[..., :, None] - k_pos[..., None, :])
 
 
 def attention_mask(t_q: int, t_k: int, bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -160,16 +199,16 @@ def prefer_explicit(q: torch.Tensor, t_k: int) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and t_k <= EXPLICIT_MAX_LEN
 
 
-def explicit_attention(q, k, v, mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+def explicit_attention(q, k, v, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v with the (Tq, Tk) scores in memory, as in the paper."""
-    # q: (B, H, Tq, hd), k, v: (B, Hkv, Tk, hd) -> (B, H, Tq, hd)
-    groups = q.size(1) // k.size(1)
+    # q: (..., H, Tq, hd), k, v: (..., Hkv, Tk, hd) -> (..., H, Tq, hd)
+    groups = q.size(-3) // k.size(-3)
     if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
-    if mask.dtype == torch.bool:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
-    else:
+    elif mask is not None:
         scores = scores + mask
     probs = scores.softmax(dim=-1)
     if dropout:

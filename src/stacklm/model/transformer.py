@@ -18,7 +18,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = NORM.build(cfg.norm, cfg.d_model)
-        self.attn = ATTENTION.build(cfg.attention, cfg)
+        self.attn = ATTENTION.build(cfg.attention.for_layer(layer), cfg)
         self.ffn_norm = NORM.build(cfg.norm, cfg.d_model)
         self.ffn = FFN.build(cfg.ffn.for_layer(layer), cfg)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -1,0 +1,112 @@
+"""Causal sliding-window attention, `model.attention.kind: local`.
+
+The query at position p sees the keys at p - window + 1 ... p (Beltagy et al. 2020's sliding
+window; Mistral's layout). Training cost and memory are O(T window) instead of O(T^2), and the
+decode cache keeps only the last window - 1 keys and values, so generation memory is O(window)
+however long the sequence. Stacked layers still pass information further back: L layers reach
+L (window - 1) tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stacklm.model.attention import (
+    EfficientAttentionConfig,
+    causal_attention,
+    masked_attention,
+    position_bias,
+)
+from stacklm.registry import ATTENTION, QKV, option
+
+
+@dataclasses.dataclass
+class LocalConfig(EfficientAttentionConfig):
+    kind: str = "local"
+    window: int = option(256, ge=1, help="keys each query sees: itself and the window - 1 before it")
+
+
+class WindowCache:
+    """The keys and values of the last window - 1 positions: all a new query sees besides itself."""
+
+    def __init__(self, window: int, qkv_state=None):
+        self.keep = window - 1
+        self.k = self.v = None  # (B, Hkv, <= window - 1, hd) once something is cached
+        self.length = 0  # positions seen so far; the model advances it after each forward
+        self.qkv_state = qkv_state
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, Hkv, T, hd) -> the cached then the new keys and values, (B, Hkv, <= window - 1 + T, hd)
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        # clone: a slice would keep a long prefill's whole tensor alive
+        kept = slice(k.size(2) - min(self.keep, k.size(2)), None)
+        self.k, self.v = k[:, :, kept].clone(), v[:, :, kept].clone()
+        return k, v
+
+
+@ATTENTION.register("local", LocalConfig)
+class LocalAttention(nn.Module):
+    """Sliding-window attention computed blockwise: the sequence is cut into blocks of `window`
+    queries, and each block attends to its own keys and the previous block's (2 window keys)
+    under a band mask, so the scores never exceed (T, 2 window)."""
+
+    def __init__(self, options: LocalConfig, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.window = options.window
+        self.proj = QKV.module_class(options.qkv, "model.attention.qkv")(options, cfg)
+        self.dropout = cfg.dropout
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> WindowCache:
+        return WindowCache(self.window, self.proj.new_state(batch, dtype, device))
+
+    def forward(self, x: torch.Tensor, position, cache: WindowCache | None = None) -> torch.Tensor:
+        # x: (B, T, D)
+        b, t, _ = x.shape
+        start = cache.length if cache is not None else 0
+        q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = position.rotate(q, k, start)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, cached + T, hd)
+        cached = k.size(2) - t
+        if cached:  # queries for the cached positions are never used: zeros keep q and k aligned
+            q = F.pad(q, (0, 0, cached, 0))
+        y = self.attend(q, k, v, position)[:, :, cached:]
+        return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
+
+    def attend(self, q, k, v, position) -> torch.Tensor:
+        # q: (B, H, L, hd), k, v: (B, Hkv, L, hd) at the same L positions -> (B, H, L, hd)
+        w, length = self.window, q.size(2)
+        dropout = self.dropout if self.training else 0.0
+        first = slice(0, min(w, length))  # the first block has no block before it: plain causal
+        ar = torch.arange(first.stop, device=q.device)
+        y0 = causal_attention(q[:, :, first], k[:, :, first], v[:, :, first],
+                              position_bias(position, ar.view(1, 1, -1), ar.view(1, 1, -1)), dropout)
+        if length <= w:
+            return y0
+        pad = -length % w
+        q = F.pad(q[:, :, w:], (0, 0, 0, pad))  # the queries of blocks 1, 2, ...
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        blocks = (length + pad) // w - 1
+        q = q.unflatten(2, (blocks, w)).transpose(1, 2)  # (B, blocks, H, w, hd)
+        # keys of block i and the one before: windows of 2w starting every w
+        k = k.unfold(2, 2 * w, w).permute(0, 2, 1, 4, 3)  # (B, blocks, Hkv, 2w, hd)
+        v = v.unfold(2, 2 * w, w).permute(0, 2, 1, 4, 3)
+        # query a of a block is at a + w relative to key j: distance w + a - j, the same in every block
+        qa = torch.arange(w, device=q.device).view(1, 1, w) + w
+        kj = torch.arange(2 * w, device=q.device).view(1, 1, 2 * w)
+        distance = qa[..., :, None] - kj[..., None, :]  # (1, 1, w, 2w)
+        band = (distance >= 0) & (distance < w)
+        bias = position_bias(position, qa, kj)
+        mask = band if bias is None else bias.to(q.dtype).masked_fill(~band, float("-inf"))
+        y = masked_attention(q, k, v, mask, dropout)  # (B, blocks, H, w, hd)
+        y = y.transpose(1, 2).flatten(2, 3)[:, :, : length - w]
+        return torch.cat((y0, y), dim=2)
