@@ -24,7 +24,10 @@ CASES = [(), ("model.n_kv_heads=2",), ("model.n_kv_heads=1",), ("model.ffn.kind=
          ("model.attention.kind=local", "model.attention.window=7", "model.n_kv_heads=2"),
          ("model.attention.kind=local", "model.attention.window=5", "model.attention.full_every=2",
           "model.position.kind=t5"),
-         ("model.attention.kind=local", "model.attention.window=6", "model.attention.qkv=multiplicative_conv")]
+         ("model.attention.kind=local", "model.attention.window=6", "model.attention.qkv=multiplicative_conv"),
+         ("model.attention.kind=lsh", "model.attention.exact_below=0", "model.attention.chunk_size=4",
+          "model.attention.n_buckets=4", "model.position.kind=alibi"),
+         ("model.attention.kind=lsh", "model.attention.full_every=2")]
 
 
 @pytest.mark.parametrize("overrides", CASES)

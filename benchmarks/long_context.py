@@ -1,0 +1,115 @@
+"""Attention kinds at long context: forward + backward time and peak memory of one training
+step (no optimizer) against sequence length, for full / local / lsh at one model size.
+
+The model is configs/default.yaml's (4 layers, d_model 256, 4 heads of 64) with max_seq_len
+raised to the longest length, bf16 autocast as training runs on this CPU, batch 1. `local` uses
+a 256-token window; `lsh` 4 hashes, 32 buckets, chunks of 64, with its exact-attention fallback
+switched off (exact_below=0) so the LSH path itself is measured.
+
+- Time: at each length the three kinds take turns (A B C A B C ...); the ratio to full is the
+  median of the per-round ratios.
+- Memory: each (kind, length) runs in a fresh process, which reports its peak resident memory
+  during the step minus its resident memory just before (model, optimizer-free, inputs built).
+- Crossover: the shortest length at which lsh's step is faster than full's (the `exact_below`
+  default of `model.attention.kind=lsh` comes from this figure).
+
+memory_ratio and time_ratio are the larger of local/full and lsh/full at the longest length run.
+
+    python -m benchmarks.long_context [--quick] [--lengths 1024,2048,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+
+import stacklm
+from benchmarks.common import alternate, headline, load_average, machine, median, speedup, table
+
+KINDS = {
+    "full": ["model.attention.kind=full"],
+    "local": ["model.attention.kind=local", "model.attention.window=256"],
+    "lsh": ["model.attention.kind=lsh", "model.attention.n_hashes=4", "model.attention.n_buckets=32",
+            "model.attention.chunk_size=64", "model.attention.exact_below=0"],
+}
+
+
+def build(kind: str, length: int):
+    config = stacklm.Config.load("configs/default.yaml", [f"model.max_seq_len={length}", *KINDS[kind]])
+    torch.manual_seed(0)
+    model = stacklm.build_model(config).train()
+    ids = torch.randint(0, config.model.vocab_size, (1, length + 1))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def status_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MiB. Not getrusage's
+    ru_maxrss: Linux carries that over exec from the parent that started this process."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
+
+
+def child(kind: str, length: int) -> None:
+    """One step in this process: print the peak resident memory it added, in MiB."""
+    step = build(kind, length)
+    before = status_mb("VmRSS")
+    step()
+    print(json.dumps({"extra_mb": status_mb("VmHWM") - before}))
+
+
+def peak_memory(kind: str, length: int) -> float:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.long_context", "--child", kind, str(length)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["extra_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1k to 8k tokens, 2 rounds")
+    parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return
+    print(f"machine: {machine()}; load average {load_average()}", flush=True)
+    default = (1024, 2048, 4096, 8192) if args.quick else (512, 1024, 2048, 4096, 8192, 16384, 32768)
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(default)
+    rounds = args.rounds or (2 if args.quick else 3)
+    rows, crossover, last = [], None, {}
+    for length in lengths:
+        steps = {kind: build(kind, length) for kind in KINDS}
+        times = alternate(steps, rounds if length <= 8192 else max(1, rounds - 1))
+        memory = {kind: peak_memory(kind, length) for kind in KINDS}
+        last = {kind: (speedup(times[kind], times["full"]), memory[kind] / memory["full"]) for kind in KINDS}
+        rows.append([length] + [f"{median(times[k]) * 1e3:.0f}" for k in KINDS]
+                    + [f"{memory[k]:.0f}" for k in KINDS]
+                    + [f"{last['local'][0]:.2f}", f"{last['lsh'][0]:.2f}"])
+        print(table(rows[-1:], ["tokens", *(f"{k} ms" for k in KINDS), *(f"{k} MiB" for k in KINDS),
+                                "local/full time", "lsh/full time"]), flush=True)
+        if crossover is None and last["lsh"][0] < 1.0:
+            crossover = length
+    print(table(rows, ["tokens", *(f"{k} ms" for k in KINDS), *(f"{k} MiB" for k in KINDS),
+                       "local/full time", "lsh/full time"]))
+    print(f"lsh is faster than full from {crossover or 'no length run'} tokens on; load average {load_average()}")
+    headline("memory_ratio", max(last["local"][1], last["lsh"][1]), 0.25,
+             f"max of local/full and lsh/full peak memory at {lengths[-1]} tokens")
+    headline("time_ratio", max(last["local"][0], last["lsh"][0]), 1.0,
+             f"max of local/full and lsh/full step time at {lengths[-1]} tokens")
+
+
+if __name__ == "__main__":
+    main()
