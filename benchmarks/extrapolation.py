@@ -36,7 +36,7 @@ KINDS = ("rope", "xpos", "alibi", "learned", "none")
 
 
 def train_all(out: Path, quick: bool, reuse: bool) -> None:
-    size = ["model.d_model=128", "model.n_layers=2", "train.steps=150", "train.warmup_steps=15"] if quick else []
+    size = ["model.d_model=128", "model.n_layers=2", "train.steps=100", "train.warmup_steps=10"] if quick else []
     for kind in KINDS:
         run = out / kind
         if reuse and Checkpointer(run / "checkpoints").latest() is not None:
@@ -68,7 +68,7 @@ def score(out: Path, contexts: list[int], tokens: int) -> dict[str, list[dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a 2-layer, 128-wide model, 150 steps; up to 4x")
+    parser.add_argument("--quick", action="store_true", help="a 2-layer, 128-wide model, 100 steps; up to 4x")
     parser.add_argument("--reuse", action="store_true", help="score the runs already in --out")
     parser.add_argument("--out", default="runs/extrapolation", help="where the runs, context.json and .png go")
     parser.add_argument("--tokens", type=int, default=None, help="tokens scored at each length")

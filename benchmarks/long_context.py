@@ -10,6 +10,9 @@ switched off (exact_below=0) so the LSH path itself is measured.
   median of the per-round ratios.
 - Memory: each (kind, length) runs in a fresh process, which reports its peak resident memory
   during the step minus its resident memory just before (model, optimizer-free, inputs built).
+- The memory of full attention with its (T, T) scores materialised (the baseline the Reformer
+  and Longformer papers compare with) is shown up to 8192 tokens for reference; stacklm's `full`
+  runs PyTorch's fused kernel, whose memory grows linearly.
 - Crossover: the shortest length at which lsh's step is faster than full's (the `exact_below`
   default of `model.attention.kind=lsh` comes from this figure).
 
@@ -28,6 +31,7 @@ import sys
 import torch
 
 import stacklm
+import stacklm.model.attention as attention
 from benchmarks.common import alternate, headline, load_average, machine, median, speedup, table
 
 KINDS = {
@@ -38,7 +42,16 @@ KINDS = {
 }
 
 
+# Memory only, up to EXPLICIT_UP_TO tokens: full attention with its (T, T) scores in memory, the
+# textbook baseline of the Reformer and Longformer papers (stacklm's full uses a fused kernel).
+EXPLICIT = "full, T x T scores"
+EXPLICIT_UP_TO = 8192
+
+
 def build(kind: str, length: int):
+    if kind == EXPLICIT:
+        attention.EXPLICIT_MAX_LEN = length  # this process only: the child that measures memory
+        kind = "full"
     config = stacklm.Config.load("configs/default.yaml", [f"model.max_seq_len={length}", *KINDS[kind]])
     torch.manual_seed(0)
     model = stacklm.build_model(config).train()
@@ -90,20 +103,21 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(default)
     rounds = args.rounds or (2 if args.quick else 3)
     rows, crossover, last = [], None, {}
+    header = ["tokens", *(f"{k} ms" for k in KINDS), *(f"{k} MiB" for k in KINDS), f"{EXPLICIT} MiB",
+              "local/full time", "lsh/full time"]
     for length in lengths:
         steps = {kind: build(kind, length) for kind in KINDS}
         times = alternate(steps, rounds if length <= 8192 else max(1, rounds - 1))
         memory = {kind: peak_memory(kind, length) for kind in KINDS}
+        explicit = f"{peak_memory(EXPLICIT, length):.0f}" if length <= EXPLICIT_UP_TO else "-"
         last = {kind: (speedup(times[kind], times["full"]), memory[kind] / memory["full"]) for kind in KINDS}
         rows.append([length] + [f"{median(times[k]) * 1e3:.0f}" for k in KINDS]
-                    + [f"{memory[k]:.0f}" for k in KINDS]
+                    + [f"{memory[k]:.0f}" for k in KINDS] + [explicit]
                     + [f"{last['local'][0]:.2f}", f"{last['lsh'][0]:.2f}"])
-        print(table(rows[-1:], ["tokens", *(f"{k} ms" for k in KINDS), *(f"{k} MiB" for k in KINDS),
-                                "local/full time", "lsh/full time"]), flush=True)
+        print(table(rows[-1:], header), flush=True)
         if crossover is None and last["lsh"][0] < 1.0:
             crossover = length
-    print(table(rows, ["tokens", *(f"{k} ms" for k in KINDS), *(f"{k} MiB" for k in KINDS),
-                       "local/full time", "lsh/full time"]))
+    print(table(rows, header))
     print(f"lsh is faster than full from {crossover or 'no length run'} tokens on; load average {load_average()}")
     headline("memory_ratio", max(last["local"][1], last["lsh"][1]), 0.25,
              f"max of local/full and lsh/full peak memory at {lengths[-1]} tokens")

@@ -68,3 +68,14 @@ def test_full_every_mixes_attention_kinds_per_layer():
 def test_bad_window_is_a_user_error():
     with pytest.raises(UserError, match="model.attention.window"):
         Config.load("configs/tiny.yaml", ["model.attention.kind=local", "model.attention.window=0"])
+
+
+@pytest.mark.parametrize("kind", ["rope", "xpos", "alibi", "t5", "learned", "none"])
+def test_kv_cache_decode_equals_full_forward_for_every_position(kind):
+    m = model("model.attention.window=6", f"model.position.kind={kind}")
+    if kind == "t5":
+        torch.nn.init.normal_(m.position.table)  # a bias that matters
+    x = torch.randint(0, 512, (2, 30))
+    state = m.new_state(2, 30)
+    steps = [m(x[:, :9], state)] + [m(x[:, t : t + 1], state) for t in range(9, 21)] + [m(x[:, 21:], state)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), m(x), atol=1e-5, rtol=1e-4)

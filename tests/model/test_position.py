@@ -94,3 +94,11 @@ def test_learned_positions_add_their_rows():
     learned = position("learned")
     x = torch.zeros(1, 3, 16)
     torch.testing.assert_close(learned.embed(x, 5)[0], learned.table.weight[5:8])
+
+
+def test_xpos_refuses_lengths_its_scales_cannot_represent():
+    from stacklm.errors import UserError
+
+    with pytest.raises(UserError, match="raise model.position.scale_base"):
+        position("xpos", "model.max_seq_len=100000")
+    position("xpos", "model.max_seq_len=100000", "model.position.scale_base=2048")

@@ -49,6 +49,17 @@ class XPosConfig(RoPEConfig):
     scale_base: float = option(512.0, gt=0.0, help="positions over which the xPos decay acts (paper: 512)")
     gamma: float = option(0.4, gt=0.0, help="zeta_i = (i / (d/2) + gamma) / (1 + gamma) (paper: 0.4)")
 
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        # The query and key factors reach zeta_0^(+-max_seq_len / (2 scale_base)); past e^(+-80)
+        # they leave float32's (and bfloat16's) range.
+        exponent = cfg.max_seq_len / (2 * self.scale_base) * math.log((1 + self.gamma) / self.gamma)
+        if exponent > 80:
+            longest = int(2 * self.scale_base * 80 / math.log((1 + self.gamma) / self.gamma))
+            raise UserError(f"model.position.kind=xpos with scale_base={self.scale_base:g} covers at most "
+                            f"{longest} positions in float32 (model.max_seq_len is {cfg.max_seq_len}); "
+                            f"raise model.position.scale_base")
+
 
 @dataclasses.dataclass
 class LearnedConfig(ComponentConfig):
