@@ -167,6 +167,56 @@ def test_transformers_mixtral_imports(make_run, tmp_path):
     assert all(torch.equal(again[k], original[k]) for k in original)
 
 
+def test_exported_local_attention_is_mistral_with_the_same_logits(make_run, tmp_path):
+    run_dir = make_run(attention={"kind": "local", "window": 8})
+    export_hf(run_dir, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["sliding_window"]) == ("mistral", 8)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
+                                                           attn_implementation="eager").eval()
+    assert type(hf).__name__ == "MistralForCausalLM"
+    ids = torch.randint(0, 512, (2, 40))  # five windows long
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, logits(run_dir, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_mistral_imports_as_local_attention(make_run, tmp_path):
+    export_hf(make_run(), tmp_path / "ours")
+    config = transformers.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=6, attn_implementation="eager")
+    model = transformers.MistralForCausalLM(config)
+    model.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(tmp_path / "ours" / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    run = load_run(import_hf(tmp_path / "hf", tmp_path / "imported"))
+    assert (run.config.model.attention.kind, run.config.model.attention.window) == ("local", 6)
+    ids = torch.randint(0, 512, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(ids), model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_rope_scaling_exports_and_imports(make_run, tmp_path):
+    run_dir = make_run(position={"kind": "rope", "scaling": "linear", "factor": 4.0})
+    export_hf(run_dir, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]["rope_type"] == "linear"
+    ids = torch.randint(0, 512, (2, 40))
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), logits(run_dir, ids), atol=1e-4, rtol=1e-4)
+    position = load_run(import_hf(tmp_path / "hf", tmp_path / "back")).config.model.position
+    assert (position.scaling, position.factor) == ("linear", 4.0)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"position": {"kind": "rope", "scaling": "ntk", "factor": 2.0}}, "scaling='ntk' cannot be exported"),
+    ({"position": {"kind": "alibi"}}, "position.kind='alibi' cannot be exported"),
+    ({"attention": {"kind": "local", "full_every": 2}}, "full_every=2 cannot be exported"),
+    ({"attention": {"kind": "lsh"}}, "attention.kind='lsh' cannot be exported"),
+])
+def test_export_refuses_what_hf_cannot_express(make_run, tmp_path, model, message):
+    with pytest.raises(UserError, match=message):
+        export_hf(make_run(**model), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_import_defaults_to_runs_name(make_run, tmp_path, monkeypatch):
     export_hf(make_run(), tmp_path / "my-llama")
     monkeypatch.chdir(tmp_path)
@@ -221,12 +271,12 @@ def rename_eos(hf_dir):
 @pytest.mark.parametrize("damage, message", [
     (patch_config(model_type="gpt2"), "model_type 'gpt2'"),
     (patch_config(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "'llama3'"),
-    (patch_config(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "'linear'"),
+    (patch_config(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
     (patch_config(attention_bias=True), "attention_bias=True"),
     (patch_config(hidden_act="gelu"), "hidden_act='gelu'"),
     (patch_config(head_dim=32), "head_dim=32"),
     (patch_config(intermediate_size=128), "has shape"),
-    (patch_config(model_type="mixtral", num_local_experts=4, sliding_window=16), "sliding_window=16"),
+    (patch_config(model_type="falcon"), "model_type 'falcon'"),
     (patch_config(model_type="mixtral", num_local_experts=4), "has no weight .*block_sparse_moe"),
     (lambda d: (d / "config.json").write_text("{not json"), "cannot read"),
     (lambda d: (d / "config.json").unlink(), "config.json not found"),

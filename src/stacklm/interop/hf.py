@@ -1,4 +1,4 @@
-"""Hugging Face Llama and Mixtral interop: `export_hf` writes a run as a Llama or Mixtral directory,
+"""Hugging Face Llama, Mistral and Mixtral interop: `export_hf` writes a run as one of them,
 `import_hf` reads one.
 
 A stacklm decoder with SwiGLU, RMSNorm, RoPE and full attention without biases is exactly Llama:
@@ -6,7 +6,9 @@ only the parameter names differ, and stacklm fuses q/k/v and gate/up into one ma
 RoPE rotates the two halves of a head, as HF Llama does, so no weight is permuted. With an MoE FFN
 in every layer (top-k router, renormalised gates, dense SwiGLU experts) it is Mixtral, whose
 experts HF stores one matrix per expert (w1 gate, w3 up, w2 down); Mixtral never drops a token, so
-an imported Mixtral is `dropless`.
+an imported Mixtral is `dropless`. Mistral is Llama with sliding-window attention: stacklm's
+`local` attention, whose window counts the same keys (the query and the window - 1 before it).
+RoPE's linear scaling is HF's `linear` rope type.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ from stacklm.training.trainer import CONFIG_FILE
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 # What a Llama or Mixtral model is, in stacklm's config keys; anything else cannot be exported.
+# Both may also have `local` attention (a sliding window: Mistral, or Mixtral's sliding_window).
 LLAMA_MODEL = {"attention.kind": "full", "attention.qkv": "dense", "attention.bias": False,
                "ffn.kind": "swiglu", "ffn.bias": False,
-               "norm.kind": "rmsnorm", "position.kind": "rope", "position.scaling": "none"}
+               "norm.kind": "rmsnorm", "position.kind": "rope"}
 MIXTRAL_MODEL = {**{k: v for k, v in LLAMA_MODEL.items() if k != "ffn.bias"}, "ffn.kind": "moe",
                  "ffn.router": "topk", "ffn.every": 1, "ffn.shared_expert": False, "ffn.expert.kind": "swiglu"}
+SLIDING_WINDOW = {"attention.kind": "local", "attention.full_every": 0}
+ROPE_TYPES = {"none": "default", "linear": "linear"}  # stacklm's rope scaling -> HF's rope_type
 # The Llama config.json values stacklm runs (each is also LlamaConfig's default, used when absent).
 LLAMA_CONFIG = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -103,41 +108,53 @@ def fresh_dir(out: Path):
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> None:
-    """Write the latest checkpoint of a run as a Hugging Face Llama (or, with an MoE FFN, Mixtral)
-    directory in float32.
+    """Write the latest checkpoint of a run as a Hugging Face Llama directory in float32; with
+    local attention a Mistral one, with an MoE FFN a Mixtral one.
 
     `out_dir` gets config.json, model.safetensors and the tokenizer files, and loads with
     `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. Raises UserError for
-    a model neither can express (another FFN, norm, position or attention kind, biases, a switch
-    router).
+    a model none of them can express (another FFN, norm, position or attention kind, biases, a
+    switch router, NTK RoPE scaling).
     """
     check_free(Path(out_dir))  # before the slow part
     run = load_run(run_dir)
     m = run.model.config
     arch, required = ("Mixtral", MIXTRAL_MODEL) if m.ffn.kind == "moe" else ("Llama", LLAMA_MODEL)
+    window = m.attention.window if m.attention.kind == "local" else None
+    if window is not None:
+        arch, required = ("Mistral" if arch == "Llama" else arch), {**required, **SLIDING_WINDOW}
     for key, supported in required.items():
         value = functools.reduce(getattr, key.split("."), m)
         if value != supported:
             raise UserError(f"{run_dir}: model.{key}={value!r} cannot be exported; a Hugging Face {arch} "
                             f"model needs model.{key}={supported!r}")
+    if m.position.scaling not in ROPE_TYPES:
+        raise UserError(f"{run_dir}: model.position.scaling={m.position.scaling!r} cannot be exported; "
+                        f"Hugging Face rope types match stacklm's {' and '.join(map(repr, ROPE_TYPES))}")
+    rope = {"rope_type": ROPE_TYPES[m.position.scaling], "rope_theta": m.position.theta}
+    if m.position.scaling != "none":
+        rope["factor"] = m.position.factor
     tok = run.tokenizer
     config = {
         "architectures": [f"{arch}ForCausalLM"], "model_type": arch.lower(), "vocab_size": m.vocab_size,
         "hidden_size": m.d_model, "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm.eps,
-        # transformers < 5 reads rope_theta; 5.x reads rope_parameters (and takes it first)
-        "rope_theta": m.position.theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.position.theta},
+        # transformers < 5 reads rope_theta and rope_scaling; 5.x reads rope_parameters (and takes it first)
+        "rope_theta": m.position.theta, "rope_parameters": rope,
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if "factor" in rope else None,
         "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "initializer_range": m.init_std,
         # stacklm has no BOS: <eos> separates documents and also starts one
         "bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
         "torch_dtype": "float32",
     }
+    if arch in ("Mistral", "Mixtral"):
+        config["sliding_window"] = window
     if arch == "Mixtral":
         config |= {"num_local_experts": m.ffn.n_experts, "num_experts_per_tok": m.ffn.top_k,
                    "router_aux_loss_coef": m.ffn.load_balance_coef, "router_jitter_noise": m.ffn.jitter,
-                   "sliding_window": None, "output_router_logits": False}
+                   "output_router_logits": False}
     specials = {"bos_token": EOS, "eos_token": EOS, "pad_token": PAD}
     state = run.model.state_dict()
     weights = {hf: w.clone() for name, parts in weight_map(m).items()
@@ -165,16 +182,18 @@ def read_json(path: Path) -> dict:
 
 
 def stacklm_config(raw: dict, path: Path, out: Path, n_sentinels: int) -> Config:
-    """The stacklm Config of a Llama or Mixtral config.json; UserError for what stacklm cannot run."""
-    if raw.get("model_type") not in ("llama", "mixtral"):
-        raise UserError(f"{path}: model_type {raw.get('model_type')!r} is not supported; "
-                        f"import-hf reads Llama and Mixtral models (model_type 'llama' or 'mixtral')")
+    """The stacklm Config of a Llama, Mistral or Mixtral config.json; UserError for what stacklm
+    cannot run."""
+    if raw.get("model_type") not in ("llama", "mistral", "mixtral"):
+        raise UserError(f"{path}: model_type {raw.get('model_type')!r} is not supported; import-hf reads "
+                        f"Llama, Mistral and Mixtral models (model_type 'llama', 'mistral' or 'mixtral')")
+    max_len = raw.get("max_position_embeddings", 2048)
+    attention = {"kind": "full"}
+    window = raw.get("sliding_window") if raw["model_type"] != "llama" else None
+    if window is not None and window < max_len:
+        attention = {"kind": "local", "window": window}
     ffn = {"kind": "swiglu"}
     if raw["model_type"] == "mixtral":
-        window = raw.get("sliding_window")
-        if window is not None and window < raw.get("max_position_embeddings", 2048):
-            raise UserError(f"{path}: sliding_window={window} is not supported; stacklm's Mixtral "
-                            f"attends to the whole context (sliding_window null)")
         ffn = {"kind": "moe", "router": "topk", "n_experts": raw.get("num_local_experts", 8),
                "top_k": raw.get("num_experts_per_tok", 2), "dropless": True,
                "load_balance_coef": raw.get("router_aux_loss_coef", 0.001),
@@ -188,14 +207,17 @@ def stacklm_config(raw: dict, path: Path, out: Path, n_sentinels: int) -> Config
     # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise UserError(f"{path}: RoPE scaling {rope_type!r} is not supported; stacklm has plain RoPE "
-                        f"(rope_type 'default')")
+    scaling = {v: k for k, v in ROPE_TYPES.items()}.get(rope_type)
+    if scaling is None:
+        raise UserError(f"{path}: RoPE scaling {rope_type!r} is not supported; stacklm reads rope_type "
+                        f"{' or '.join(map(repr, ROPE_TYPES.values()))}")
+    position = {"kind": "rope", "theta": rope.get("rope_theta", raw.get("rope_theta", 1e4)), "scaling": scaling}
+    if scaling != "none":
+        position["factor"] = rope["factor"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     if head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
         raise UserError(f"{path}: head_dim={head_dim} is not supported; stacklm needs "
                         f"head_dim = hidden_size / num_attention_heads")
-    max_len = raw.get("max_position_embeddings", 2048)
     try:
         return Config.from_dict({
             "model": {"vocab_size": raw["vocab_size"], "d_model": raw["hidden_size"],
@@ -204,7 +226,7 @@ def stacklm_config(raw: dict, path: Path, out: Path, n_sentinels: int) -> Config
                       "max_seq_len": max_len, "tie_embeddings": raw.get("tie_word_embeddings", False),
                       "init_std": raw.get("initializer_range", 0.02), "ffn": ffn,
                       "norm": {"kind": "rmsnorm", "eps": raw.get("rms_norm_eps", 1e-6)},
-                      "position": {"kind": "rope", "theta": rope.get("rope_theta", raw.get("rope_theta", 1e4))}},
+                      "attention": attention, "position": position},
             "data": {"seq_len": min(256, max_len), "sentinel_tokens": n_sentinels},
             "train": {"out_dir": str(out)},
         })
@@ -224,7 +246,7 @@ def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Read a Hugging Face Llama or Mixtral directory into a new stacklm run directory (default
+    """Read a Hugging Face Llama, Mistral or Mixtral directory into a new stacklm run directory (default
     runs/<name>).
 
     The directory needs config.json, model.safetensors (or a sharded index) and a tokenizer.json
