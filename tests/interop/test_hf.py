@@ -52,10 +52,10 @@ def make_run(tmp_path, tokenizer):
     return make
 
 
-def hf_logits(hf_dir, ids):
-    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True,
-                                                          attn_implementation="eager").eval()
-    assert model.dtype == torch.float32
+def hf_logits(hf_dir, ids, architecture="LlamaForCausalLM"):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True,
+                                                              attn_implementation="eager").eval()
+    assert type(model).__name__ == architecture and model.dtype == torch.float32
     with torch.no_grad():
         return model(ids).logits
 
@@ -134,12 +134,9 @@ def test_exported_mixtral_gives_the_same_logits(make_run, tmp_path):
     export_hf(run_dir, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["model_type"], config["num_local_experts"], config["num_experts_per_tok"]) == ("mixtral", 4, 2)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
-                                                           attn_implementation="eager").eval()
-    assert type(hf).__name__ == "MixtralForCausalLM"
     ids = torch.randint(0, 512, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, logits(run_dir, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids, "MixtralForCausalLM"), logits(run_dir, ids),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_transformers_mixtral_imports(make_run, tmp_path):
@@ -172,12 +169,9 @@ def test_exported_local_attention_is_mistral_with_the_same_logits(make_run, tmp_
     export_hf(run_dir, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["model_type"], config["sliding_window"]) == ("mistral", 8)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
-                                                           attn_implementation="eager").eval()
-    assert type(hf).__name__ == "MistralForCausalLM"
     ids = torch.randint(0, 512, (2, 40))  # five windows long
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, logits(run_dir, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids, "MistralForCausalLM"), logits(run_dir, ids),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_transformers_mistral_imports_as_local_attention(make_run, tmp_path):
