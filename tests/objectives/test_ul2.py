@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stacklm.errors import UserError
+from stacklm.objectives.ul2 import (
+    UL2_MIXTURE,
+    UL2R_MIXTURE,
+    fill_sentinels,
+    prefix_noise_mask,
+    random_spans_noise_mask,
+    sample_denoiser,
+    span_corrupt,
+)
+
+SENTINELS = list(range(1000, 1300))
+
+
+def spans(mask):
+    """Lengths of the runs of True."""
+    edges = np.diff(np.concatenate(([0], mask.astype(int), [0])))
+    return np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+
+
+@pytest.mark.parametrize(("density", "mean_span"), [(0.15, 3), (0.15, 8), (0.5, 3), (0.5, 64), (0.15, 64)])
+def test_noise_mask_has_the_configured_density_and_mean_span(density, mean_span):
+    rng = np.random.default_rng(0)
+    length, samples = 512, 2000
+    masks = np.stack([random_spans_noise_mask(length, density, mean_span, rng) for _ in range(samples)])
+    # T5's mask is exact in the count of noise tokens: round(length * density) in every sample
+    assert (masks.sum(1) == round(length * density)).all() and not masks[:, 0].any()
+    lengths = np.concatenate([spans(m) for m in masks])
+    # and in the count of spans, round(noise / mean_span): the mean span length misses mean_span
+    # only by that rounding, at most mean_span / (2 * spans) away
+    n_spans = round(round(length * density) / mean_span)
+    assert abs(lengths.mean() - mean_span) <= mean_span / (2 * n_spans) + 1e-9
+    if n_spans > 1:
+        assert lengths.std() > 0.2 * mean_span  # random lengths, not a fixed pattern
+    if n_spans >= 10:
+        # many spans fall anywhere: a position away from the edges is noise about `density` of the
+        # time (binomial standard error sqrt(p (1 - p) / samples) <= 0.011; 5 of them). With few
+        # spans T5's layout (kept, noise, ..., kept, noise) pins the last span to the end.
+        share = masks[:, 64:448].mean(0)
+        assert np.abs(share - density).max() < 5 * np.sqrt(density * (1 - density) / samples) + 0.02
+    else:
+        assert masks[:, -1].all()
+
+
+def test_prefix_mask_is_one_span_to_the_end_from_a_uniform_split():
+    rng = np.random.default_rng(1)
+    masks = [prefix_noise_mask(100, rng) for _ in range(4000)]
+    assert all(m[-1] and len(spans(m)) == 1 and not m[0] for m in masks)
+    splits = np.array([np.argmax(m) for m in masks])
+    assert set(splits) == set(range(1, 100))  # every split point 1 ... 99 occurs
+    assert abs(splits.mean() - 50) < 1.5  # uniform: mean 50, standard error 0.45
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(1, 300), density=st.floats(0.01, 0.99), mean_span=st.floats(1, 80),
+       seed=st.integers(0, 2**32 - 1))
+def test_inputs_and_targets_restore_the_tokens(length, density, mean_span, seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 1000, length)
+    mask = random_spans_noise_mask(length, density, mean_span, rng)
+    inputs, targets = span_corrupt(tokens, mask, SENTINELS)
+    assert len(inputs) + len(targets) == length + 2 * len(spans(mask))
+    np.testing.assert_array_equal(fill_sentinels(inputs, targets, SENTINELS), tokens)
+
+
+def test_span_corrupt_layout():
+    tokens = np.arange(10, 20)
+    mask = np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 0], dtype=bool)
+    inputs, targets = span_corrupt(tokens, mask, [7, 8, 9])
+    assert inputs.tolist() == [10, 11, 7, 14, 15, 16, 8, 18, 19]
+    assert targets.tolist() == [7, 12, 13, 8, 17]
+
+
+def test_too_few_sentinels_is_a_user_error():
+    with pytest.raises(UserError, match="sentinel"):
+        span_corrupt(np.arange(10), np.array([0, 1, 0, 1, 0, 1, 0, 0, 0, 0], dtype=bool), [7, 8])
+
+
+@pytest.mark.parametrize("mixture", [UL2_MIXTURE, UL2R_MIXTURE], ids=["ul2", "ul2r"])
+def test_mixture_proportions(mixture):
+    rng = np.random.default_rng(2)
+    draws = 20000
+    counts = {d: 0 for d in mixture}
+    for _ in range(draws):
+        counts[sample_denoiser(mixture, rng)] += 1
+    total = sum(d.weight for d in mixture)
+    for d, n in counts.items():
+        p = d.weight / total
+        assert abs(n / draws - p) < 5 * np.sqrt(p * (1 - p) / draws), d
+    if mixture is UL2_MIXTURE:  # the paper's reading: S 20%, the six R / X denoisers equal shares
+        assert abs(sum(d.weight for d in mixture if d.mode == "S") / total - 0.2) < 1e-9
+        assert len({round(d.weight, 12) for d in mixture if d.mode != "S"}) == 1
