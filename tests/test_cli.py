@@ -84,3 +84,9 @@ def test_eval_context_past_learned_positions_is_refused(args, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--context", "64,256"]) == 2
     assert "learned positions exist for 128 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective", ["ul2", "prefix_lm"])
+def test_train_with_a_denoising_objective(args, objective, capsys):
+    assert main(["train", *args, "train.steps=3", f"train.objective.kind={objective}", "eval.sample_tokens=0"]) == 0
+    assert "validation after 3 steps: loss" in capsys.readouterr().out

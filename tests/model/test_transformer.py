@@ -87,3 +87,31 @@ def test_too_long_sequence_is_refused():
     model = small()
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.position.kind=alibi",), ("model.n_kv_heads=1",)])
+def test_prefix_lm_is_bidirectional_over_the_prefix_only(overrides):
+    model = small(*overrides)
+    x = torch.randint(0, 512, (2, 32))
+    prefix = torch.tensor([10, 20])
+    out = model(x, prefix=prefix)
+    y = x.clone()
+    y[:, 5] = (x[:, 5] + 1) % 512  # inside both prefixes: earlier positions see it now
+    changed = (model(y, prefix=prefix) - out).abs().amax(-1) > 1e-6  # (B, T)
+    assert changed[:, :5].all() and changed[:, 5:].all()
+    z = x.clone()
+    z[0, 15], z[1, 25] = (x[0, 15] + 1) % 512, (x[1, 25] + 1) % 512  # after each prefix: causal
+    changed = (model(z, prefix=prefix) - out).abs().amax(-1) > 1e-6
+    assert not changed[0, :15].any() and changed[0, 15:].all()
+    assert not changed[1, :25].any() and changed[1, 25:].all()
+    torch.testing.assert_close(model(x, prefix=torch.tensor([1, 1])), model(x))  # a 1-token prefix is causal
+
+
+def test_prefix_lm_decodes_after_a_bidirectional_prefill():
+    model = small()
+    x = torch.randint(0, 512, (2, 30))
+    full = model(x, prefix=torch.tensor([12, 12]))
+    state = model.new_state(2, 30)
+    steps = [model(x[:, :12], state, prefix=torch.tensor([12, 12]))]
+    steps += [model(x[:, t : t + 1], state) for t in range(12, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)

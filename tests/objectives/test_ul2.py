@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stacklm.config import Config
+from stacklm.data.tokenizer import Tokenizer
 from stacklm.errors import UserError
 from stacklm.objectives.ul2 import (
     UL2_MIXTURE,
@@ -13,6 +16,7 @@ from stacklm.objectives.ul2 import (
     sample_denoiser,
     span_corrupt,
 )
+from stacklm.registry import OBJECTIVE
 
 SENTINELS = list(range(1000, 1300))
 
@@ -95,3 +99,57 @@ def test_mixture_proportions(mixture):
     if mixture is UL2_MIXTURE:  # the paper's reading: S 20%, the six R / X denoisers equal shares
         assert abs(sum(d.weight for d in mixture if d.mode == "S") / total - 0.2) < 1e-9
         assert len({round(d.weight, 12) for d in mixture if d.mode != "S"}) == 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [f"def f{i}(x):\n    return x * {i}  # {i * i}" for i in range(300)]
+    return Tokenizer.train(texts, 512, n_sentinels=60)
+
+
+def objective(tokenizer, kind, *overrides):
+    config = Config.load("configs/tiny.yaml", [f"train.objective.kind={kind}", *overrides])
+    return OBJECTIVE.build(config.train.objective, tokenizer)
+
+
+@pytest.mark.parametrize("denoiser", UL2_MIXTURE, ids=lambda d: f"{d.mode}{d.mean_span:g}-{d.corruption:g}")
+def test_prefix_lm_layout_restores_the_window(tokenizer, denoiser):
+    ul2 = objective(tokenizer, "ul2")
+    rng = np.random.default_rng(3)
+    window = rng.integers(300, 512, 257)
+    tokens, prefix, loss = ul2.example(window, denoiser, rng)
+    assert tokens[0] == tokenizer.token_id({"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}[denoiser.mode])
+    end = int(np.flatnonzero(loss)[-1]) + 1
+    assert loss[prefix:end].all() and not loss[:prefix].any() and (tokens[end:] == tokenizer.pad_id).all()
+    inputs, targets = tokens[1:prefix], tokens[prefix:end]
+    restored = np.concatenate((inputs, targets)) if denoiser.mode == "S" else \
+        fill_sentinels(inputs, targets, tokenizer.sentinel_ids)
+    assert len(restored) > 0.6 * len(window)  # sentinels take some room, not most
+    np.testing.assert_array_equal(restored, window[: len(restored)])
+
+
+def test_batch_targets_cover_the_targets_only_and_repeat_for_the_same_batch(tokenizer):
+    ul2 = objective(tokenizer, "ul2")
+    batch = torch.randint(300, 512, (8, 65))
+    inputs, targets, prefix = ul2.batch(batch)
+    for row in range(8):
+        labelled = torch.nonzero(targets[row] != -100).flatten()
+        assert labelled[0] == prefix[row] - 1  # the last prefix position predicts the first target
+        assert torch.equal(labelled, torch.arange(labelled[0], labelled[-1] + 1))  # then every target
+        inner = labelled[labelled < inputs.size(1) - 1]
+        assert torch.equal(targets[row, inner], inputs[row, inner + 1])  # next-token labels
+    again = ul2.batch(batch.clone())
+    assert all(torch.equal(a, b) for a, b in zip((inputs, targets, prefix), again, strict=True))
+
+
+def test_span_corruption_and_prefix_lm_options(tokenizer):
+    t5 = objective(tokenizer, "span_corruption", "train.objective.noise_density=0.3",
+                   "train.objective.mean_noise_span_length=2")
+    assert [(d.mode, d.mean_span, d.corruption) for d in t5.mixture] == [("R", 2.0, 0.3)]
+    assert [d.mode for d in objective(tokenizer, "prefix_lm").mixture] == ["S"]
+    assert objective(tokenizer, "ul2", "train.objective.mixture=ul2r").mixture == UL2R_MIXTURE
+
+
+def test_denoising_needs_full_attention():
+    with pytest.raises(UserError, match="model.attention.kind=local cannot; use full"):
+        Config.load("configs/tiny.yaml", ["train.objective.kind=ul2", "model.attention.kind=local"])

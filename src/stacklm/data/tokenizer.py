@@ -72,6 +72,18 @@ class Tokenizer:
     def sentinel_id(self, i: int) -> int:
         return self._id(f"<extra_id_{i}>")
 
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """The ids of <extra_id_0>, <extra_id_1>, ... (all the reserved sentinels)."""
+        ids = []
+        while (i := self.hf.token_to_id(f"<extra_id_{len(ids)}>")) is not None:
+            ids.append(i)
+        return ids
+
+    def token_id(self, token: str) -> int:
+        """The id of a reserved token such as "[NLU]"; UserError if the tokenizer lacks it."""
+        return self._id(token)
+
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text).ids
 

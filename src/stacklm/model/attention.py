@@ -1,8 +1,10 @@
 """Attention layers, chosen by `model.attention.kind`. Built as ATTENTION.build(options, model_config).
 
-An attention module takes `forward(x, position, cache)` and makes its own decode state with
+An attention module takes `forward(x, position, cache, prefix)` and makes its own decode state with
 `new_cache(batch, max_len, dtype, device)`, so kinds with other state (a sliding window, a
-convolution's last inputs) keep it their own way.
+convolution's last inputs) keep it their own way. `prefix` (B,) holds prefix-LM prefix lengths:
+those positions are visible to every query of their sequence (only `full` supports it; objectives
+that need it refuse other kinds at config time).
 
 The projections into and out of the heads are a component of their own, chosen by
 `model.attention.qkv` from the QKV registry: `dense` here, the Scaling Transformer's sparse
@@ -134,8 +136,9 @@ class CausalSelfAttention(nn.Module):
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device,
                        self.proj.new_state(batch, dtype, device))
 
-    def forward(self, x: torch.Tensor, position, cache: KVCache | None = None) -> torch.Tensor:
-        # x: (B, T, D)
+    def forward(self, x: torch.Tensor, position, cache: KVCache | None = None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T, D); prefix: (B,) prefix-LM prefix lengths, or None
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
         q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)
@@ -147,15 +150,18 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v)  # (B, Hkv, start + T, hd)
         positions = torch.arange(k.size(2), device=x.device).view(1, 1, -1)
         bias = position_bias(position, positions[..., start:], positions)
-        y = causal_attention(q, k, v, bias, self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, bias, self.dropout if self.training else 0.0, prefix)
         return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
 
 
-def causal_attention(q, k, v, bias: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
+def causal_attention(q, k, v, bias: torch.Tensor | None, dropout: float = 0.0,
+                     prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention where the queries are the last Tq of Tk positions, with an optional
-    additive position bias (..., H, Tq, Tk)."""
+    additive position bias (..., H, Tq, Tk) and prefix-LM prefix lengths (B,)."""
     # q: (..., H, Tq, hd), k, v: (..., Hkv, Tk, hd) -> (..., H, Tq, hd)
     t_q, t_k = q.size(-2), k.size(-2)
+    if prefix is not None:
+        return masked_attention(q, k, v, attention_mask(t_q, t_k, bias, q, prefix), dropout)
     if bias is None and t_q == 1:  # one new token sees every cached position
         return masked_attention(q, k, v, None, dropout)
     if bias is None and t_q == t_k and not prefer_explicit(q, t_k):
@@ -181,9 +187,14 @@ def position_bias(position, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.T
     return position.bias(q_pos[..., :, None] - k_pos[..., None, :])
 
 
-def attention_mask(t_q: int, t_k: int, bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    """The causal mask (boolean), or with a position bias the additive mask (-inf where masked)."""
+def attention_mask(t_q: int, t_k: int, bias: torch.Tensor | None, q: torch.Tensor,
+                   prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """The causal mask (boolean), or with a position bias the additive mask (-inf where masked).
+    With `prefix` (B,) (prefix-LM), sequence b's first prefix[b] positions are visible to all its
+    queries: (B, 1, Tq, Tk)."""
     mask = causal_mask(t_q, t_k, q.device)
+    if prefix is not None:
+        mask = mask | (torch.arange(t_k, device=q.device) < prefix.view(-1, 1, 1, 1))
     if bias is None:
         return mask
     return bias.to(q.dtype).masked_fill(~mask, float("-inf"))

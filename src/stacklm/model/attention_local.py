@@ -65,8 +65,11 @@ class LocalAttention(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> WindowCache:
         return WindowCache(self.window, self.proj.new_state(batch, dtype, device))
 
-    def forward(self, x: torch.Tensor, position, cache: WindowCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position, cache: WindowCache | None = None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, T, D)
+        if prefix is not None:
+            raise ValueError("prefix-LM attention needs model.attention.kind=full")
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
         q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)

@@ -119,8 +119,11 @@ class LSHAttention(nn.Module):
         n_hashes = None if max_len <= self.exact_below else self.n_hashes
         return LSHCache(batch, max_len, self.n_heads, self.n_kv_heads, self.head_dim, n_hashes, dtype, device)
 
-    def forward(self, x: torch.Tensor, position, cache: LSHCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position, cache: LSHCache | None = None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, T, D)
+        if prefix is not None:
+            raise ValueError("prefix-LM attention needs model.attention.kind=full")
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
         q, _, v = self.proj(x, None)

@@ -23,9 +23,9 @@ class Block(nn.Module):
         self.ffn = FFN.build(cfg.ffn.for_layer(layer), cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, position, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position, cache=None, prefix: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, T, D)
-        x = x + self.dropout(self.attn(self.attn_norm(x), position, cache))
+        x = x + self.dropout(self.attn(self.attn_norm(x), position, cache, prefix))
         return x + self.dropout(self.ffn(self.ffn_norm(x), cache is not None))
 
 
@@ -78,7 +78,9 @@ class Transformer(nn.Module):
                 m.init_weights(std, residual_std)
 
     def forward(self, idx: torch.Tensor, state: DecodeState | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """`prefix` (B,) makes a prefix LM: sequence b's first prefix[b] positions attend to each
+        other both ways (the rest stays causal)."""
         # idx: (B, T) -> logits (B, T, V); with targets: (B, T) -> scalar loss
         start = state.length if state is not None else 0
         if start + idx.size(1) > self.config.max_seq_len:
@@ -86,7 +88,7 @@ class Transformer(nn.Module):
                              f"({self.config.max_seq_len})")
         x = self.drop(self.position.embed(self.embed(idx), start))
         for i, block in enumerate(self.blocks):
-            x = block(x, self.position, state.layers[i] if state is not None else None)
+            x = block(x, self.position, state.layers[i] if state is not None else None, prefix)
         if state is not None:
             state.advance(idx.size(1))
         x = self.norm(x)

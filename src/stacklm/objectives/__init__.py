@@ -3,4 +3,4 @@
 An objective turns a packed batch of token windows into a scalar loss for the model.
 """
 
-from stacklm.objectives import causal  # noqa: F401
+from stacklm.objectives import causal, ul2  # noqa: F401

@@ -13,10 +13,13 @@ Inputs keep the uncorrupted tokens with each corrupted span replaced by one sent
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
+import torch
 
 from stacklm.errors import UserError
+from stacklm.registry import OBJECTIVE, ComponentConfig, option
 
 
 def random_partition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
@@ -101,3 +104,112 @@ UL2R_MIXTURE = (Denoiser("S", weight=0.5), Denoiser("R", 3, 0.15, 0.25), Denoise
 def sample_denoiser(mixture: tuple[Denoiser, ...], rng: np.random.Generator) -> Denoiser:
     weights = np.array([d.weight for d in mixture], dtype=np.float64)
     return mixture[int(rng.choice(len(mixture), p=weights / weights.sum()))]
+
+
+@dataclasses.dataclass
+class PrefixLMConfig(ComponentConfig):
+    kind: str = "prefix_lm"
+
+    def check(self, cfg) -> None:
+        needs_full_attention(self.kind, cfg)
+
+
+@dataclasses.dataclass
+class SpanCorruptionConfig(ComponentConfig):
+    kind: str = "span_corruption"
+    noise_density: float = option(0.15, gt=0.0, lt=1.0, help="share of the tokens corrupted (T5: 0.15)")
+    mean_noise_span_length: float = option(3.0, ge=1.0, help="mean corrupted span length (T5: 3)")
+
+    def check(self, cfg) -> None:
+        needs_full_attention(self.kind, cfg)
+
+
+@dataclasses.dataclass
+class UL2Config(ComponentConfig):
+    kind: str = "ul2"
+    mixture: str = option("ul2", choices=("ul2", "ul2r"), help="ul2: the paper's seven denoisers; ul2r: "
+                          "UL2R's 50% S, 25% R(3, 0.15), 25% X(32, 0.5), for continued training of a causal model")
+    mode_tokens: bool = option(True, help="start each example with its paradigm token [NLU], [NLG] or [S2S]")
+
+    def check(self, cfg) -> None:
+        needs_full_attention(self.kind, cfg)
+
+
+def needs_full_attention(kind: str, cfg) -> None:
+    attention = cfg.attention
+    if attention.kind != "full":
+        raise UserError(f"train.objective.kind={kind} attends both ways over its inputs (a prefix LM), "
+                        f"which model.attention.kind={attention.kind} cannot; use full")
+
+
+@OBJECTIVE.register("prefix_lm", PrefixLMConfig)
+@OBJECTIVE.register("span_corruption", SpanCorruptionConfig)
+@OBJECTIVE.register("ul2", UL2Config)
+class Denoising:
+    """Denoising objectives for a decoder-only model, in the prefix-LM layout: each window becomes
+    [mode token] inputs targets, the model attends both ways over the first part (the prefix) and
+    causally over the targets, and the loss covers the targets only. `prefix_lm` is the S-denoiser
+    alone, `span_corruption` T5's objective (one R-denoiser), `ul2` a mixture drawn per example.
+
+    An example's denoiser and mask come from a generator seeded by the window's tokens: the same
+    batch is corrupted the same way on every run, so resuming a run is exact without saving state.
+    """
+
+    def __init__(self, options: ComponentConfig, tokenizer):
+        if options.kind == "prefix_lm":
+            self.mixture = (Denoiser("S"),)
+        elif options.kind == "span_corruption":
+            self.mixture = (Denoiser("R", options.mean_noise_span_length, options.noise_density),)
+        else:
+            self.mixture = UL2_MIXTURE if options.mixture == "ul2" else UL2R_MIXTURE
+        use_modes = getattr(options, "mode_tokens", False)
+        self.modes = {mode: tokenizer.token_id(token) for mode, token in MODE_TOKEN.items()} if use_modes else None
+        self.sentinels = tokenizer.sentinel_ids
+        self.pad_id = tokenizer.pad_id
+
+    def example(self, window: np.ndarray, denoiser: Denoiser, rng: np.random.Generator):
+        """One window (N tokens) -> (tokens (N,), prefix length, loss mask (N,)): [mode] inputs
+        targets, the raw text shortened until the sentinels fit, padded to N."""
+        n, head = len(window), int(self.modes is not None)
+        raw = n - head
+        while raw > 2 and denoiser.mode != "S" and head + raw + 2 * expected_spans(raw, denoiser) > n:
+            raw -= 1
+        tokens = window[:raw]
+        mask = denoiser.mask(raw, rng)
+        if denoiser.mode == "S":  # a prefix and its continuation: no sentinels needed
+            inputs, targets = tokens[~mask], tokens[mask]
+        else:
+            inputs, targets = span_corrupt(tokens, mask, self.sentinels)
+        parts = ([np.array([self.modes[denoiser.mode]], dtype=window.dtype)] if head else []) + [inputs, targets]
+        sequence = np.concatenate(parts)
+        out = np.full(n, self.pad_id, dtype=window.dtype)
+        out[: len(sequence)] = sequence
+        loss = np.zeros(n, dtype=bool)
+        loss[head + len(inputs) : len(sequence)] = True
+        return out, head + len(inputs), loss
+
+    def batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T + 1) windows -> model inputs (B, T), targets (B, T) with -100 off the loss, prefix (B,)."""
+        rows = batch.cpu().numpy()
+        examples = []
+        for row in rows:
+            rng = np.random.default_rng(zlib.crc32(row.tobytes()))
+            examples.append(self.example(row, sample_denoiser(self.mixture, rng), rng))
+        tokens = torch.from_numpy(np.stack([e[0] for e in examples]).astype(np.int64))
+        loss = torch.from_numpy(np.stack([e[2] for e in examples]))
+        prefix = torch.tensor([e[1] for e in examples])
+        targets = tokens[:, 1:].masked_fill(~loss[:, 1:], -100)
+        device = batch.device
+        return tokens[:, :-1].to(device), targets.to(device), prefix.to(device)
+
+    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        # batch: (B, T + 1) token ids
+        inputs, targets, prefix = self.batch(batch)
+        return model(inputs, targets=targets, prefix=prefix)
+
+
+def expected_spans(length: int, denoiser: Denoiser) -> int:
+    """The span count random_spans_noise_mask gives for `length` tokens (it is not random)."""
+    n = max(length, 2)
+    noise = min(max(round(n * denoiser.corruption), 1), n - 1)
+    return min(max(round(noise / denoiser.mean_span), 1), noise, n - noise)
