@@ -87,6 +87,9 @@ def test_eval_context_past_learned_positions_is_refused(args, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("objective", ["ul2", "prefix_lm"])
-def test_train_with_a_denoising_objective(args, objective, capsys):
+def test_train_with_a_denoising_objective(args, tmp_path, objective, capsys):
     assert main(["train", *args, "train.steps=3", f"train.objective.kind={objective}", "eval.sample_tokens=0"]) == 0
     assert "validation after 3 steps: loss" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "run"), "--json", "--batches", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)  # causal loss, and each denoiser's
+    assert len(result["denoising"]) == 7 and result["denoising"]["S"] > 0 and "R(3, 0.15)" in result["denoising"]

@@ -116,7 +116,7 @@ EVAL_OVERRIDABLE = ("model.position.", "model.attention.")
 def cmd_eval(args) -> None:
     from stacklm.data import prepare_data
     from stacklm.device import resolve_device
-    from stacklm.evaluate import context_sweep, evaluate
+    from stacklm.evaluate import context_sweep, denoising_losses, evaluate
     from stacklm.runs import load_run
 
     runs = [item for item in args.items if "=" not in item]
@@ -149,13 +149,21 @@ def cmd_eval(args) -> None:
         seq_len = args.seq_len or data_cfg.seq_len
         if seq_len > run.config.model.max_seq_len:
             raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({run.config.model.max_seq_len})")
-        result = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size,
-                          args.batches if args.batches else run.config.eval.max_batches, device)
+        batches = args.batches if args.batches else run.config.eval.max_batches
+        result = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size, batches, device)
+        if args.denoisers or run.config.train.objective.kind != "causal":
+            if run.config.model.attention.kind != "full":
+                raise UserError(f"--denoisers: denoising attends both ways over its inputs, which "
+                                f"model.attention.kind={run.config.model.attention.kind} cannot")
+            result["denoising"] = denoising_losses(run.model, data.val, seq_len, run.config.eval.batch_size,
+                                                   batches, device, run.tokenizer)
         if args.json:
             print(json.dumps({"run": run_dir, **result}) if len(runs) > 1 else json.dumps(result))
-        else:
-            print(f"{run_dir}: {which}: loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  "
-                  f"bits-per-byte {result['bpb']:.4f}  ({result['tokens']} tokens)")
+            continue
+        print(f"{run_dir}: {which}: loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  "
+              f"bits-per-byte {result['bpb']:.4f}  ({result['tokens']} tokens)")
+        for name, loss in result.get("denoising", {}).items():
+            print(f"  denoising loss, {name}: {loss:.4f}")
     if contexts:
         write_sweeps(sweeps, args.out or os.path.join(runs[0], "context"), args.json)
 
@@ -276,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="a data.source: file, directory, glob, .jsonl, 'default'")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--batches", type=int, default=None, help="at most this many batches")
+    p.add_argument("--denoisers", action="store_true",
+                   help="also the loss of each UL2 denoiser (always for runs trained with a denoising objective)")
     p.add_argument("--context", default=None, metavar="N,N,...",
                    help="perplexity at each context length (e.g. 256,512,1024,2048) on the same text; "
                         "writes context.json and context.png to --out")

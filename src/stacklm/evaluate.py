@@ -14,11 +14,13 @@ from stacklm.training.distributed import Dist
 
 @torch.no_grad()
 def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None,
-             device: torch.device, dtype: torch.dtype = torch.float32, dist: Dist | None = None) -> dict:
+             device: torch.device, dtype: torch.dtype = torch.float32, dist: Dist | None = None,
+             objective=None) -> dict:
     """Mean next-token loss over consecutive non-overlapping windows from the start of `store`.
 
     bits-per-byte converts the loss with the split's measured UTF-8 bytes per token, so models
-    with different tokenizers compare.
+    with different tokenizers compare. With a denoising `objective` (`stacklm.objectives.ul2`),
+    the loss is that objective's, over its target tokens.
     """
     dist = dist or Dist()
     seq_len = min(seq_len, store.n_tokens - 1)
@@ -33,10 +35,12 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
     for first in mine:
         rows = [store.window(i, seq_len, table) for i in range(first, min(first + batch_size, n_windows))]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+        inputs, targets, prefix = objective.batch(batch) if objective else (batch[:, :-1], batch[:, 1:], None)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(batch[:, :-1], targets=batch[:, 1:])
-        total[0] += loss.double() * batch[:, 1:].numel()
-        total[1] += batch[:, 1:].numel()
+            loss = model(inputs, targets=targets, prefix=prefix)
+        n = (targets != -100).sum()
+        total[0] += loss.double() * n
+        total[1] += n
     dist.all_reduce_sum(total)
     model.train(was_training)
     loss = (total[0] / total[1]).item()
@@ -62,3 +66,17 @@ def context_sweep(model, store: TokenStore, contexts: list[int], tokens: int, ba
         result = evaluate(model, store, context, batch, -(-windows // batch), device, dtype)
         results.append({"context": context, **result})
     return results
+
+
+def denoising_losses(model, store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None,
+                     device: torch.device, tokenizer) -> dict[str, float]:
+    """The loss of each UL2 denoiser on the same held-out windows, keyed by denoiser name."""
+    from stacklm.objectives.ul2 import UL2_MIXTURE, Denoising, UL2Config
+
+    losses = {}
+    for denoiser in UL2_MIXTURE:
+        objective = Denoising(UL2Config(), tokenizer)
+        objective.mixture = (denoiser,)
+        losses[denoiser.name] = evaluate(model, store, seq_len, batch_size, max_batches, device,
+                                         objective=objective)["loss"]
+    return losses

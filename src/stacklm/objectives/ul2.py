@@ -82,6 +82,10 @@ class Denoiser:
     corruption: float = 0.15
     weight: float = 1.0
 
+    @property
+    def name(self) -> str:
+        return "S" if self.mode == "S" else f"{self.mode}({self.mean_span:g}, {self.corruption:g})"
+
     def mask(self, length: int, rng: np.random.Generator) -> np.ndarray:
         if self.mode == "S":
             return prefix_noise_mask(length, rng)
