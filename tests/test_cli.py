@@ -77,6 +77,10 @@ def test_eval_context_sweep_writes_table_and_plot(args, tmp_path, capsys):
     assert (out / "context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["eval", run, "--context", "64", "model.d_model=8"]) == 2
     assert "eval can change only model.position.* and model.attention.*" in capsys.readouterr().err
+    for weights_change in ("model.attention.kind=lsh", "model.position.kind=learned"):  # no key projection; a table
+        assert main(["eval", run, weights_change]) == 2
+        err = capsys.readouterr().err
+        assert "does not fit the model" in err and err.count("\n") == 1
 
 
 def test_eval_context_past_learned_positions_is_refused(args, tmp_path, capsys):

@@ -38,7 +38,12 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     if checkpoint is None:
         raise UserError(f"{run_dir} has no checkpoint yet")
     model = build_model(config)
-    load_weights(model, checkpoint)
+    try:
+        load_weights(model, checkpoint)
+    except RuntimeError as e:  # load_state_dict: missing, unexpected or reshaped weights
+        changed = f" with {' '.join(overrides)}" if overrides else ""
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{checkpoint} does not fit the model its config builds{changed}: {detail}") from None
     model.to(device=device, dtype=dtype).eval()
     return Run(model, Tokenizer.load(run_dir / TOKENIZER_FILE), config, checkpoint)
 

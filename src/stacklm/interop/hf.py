@@ -189,7 +189,8 @@ def stacklm_config(raw: dict, path: Path, out: Path, n_sentinels: int) -> Config
                         f"Llama, Mistral and Mixtral models (model_type 'llama', 'mistral' or 'mixtral')")
     max_len = raw.get("max_position_embeddings", 2048)
     attention = {"kind": "full"}
-    window = raw.get("sliding_window") if raw["model_type"] != "llama" else None
+    # MistralConfig's default window is 4096, so a config.json without the key has one
+    window = raw.get("sliding_window", 4096 if raw["model_type"] == "mistral" else None)
     if window is not None and window < max_len:
         attention = {"kind": "local", "window": window}
     ffn = {"kind": "swiglu"}

@@ -80,9 +80,12 @@ class LocalAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, cached + T, hd)
         cached = k.size(2) - t
-        if cached:  # queries for the cached positions are never used: zeros keep q and k aligned
-            q = F.pad(q, (0, 0, cached, 0))
-        y = self.attend(q, k, v, position)[:, :, cached:]
+        if k.size(2) <= self.window:  # every query sees every key (decoding): plain causal attention
+            positions = torch.arange(k.size(2), device=x.device).view(1, 1, -1)
+            y = causal_attention(q, k, v, position_bias(position, positions[..., cached:], positions),
+                                 self.dropout if self.training else 0.0)
+        else:  # queries for the cached positions are never used: zeros keep q and k aligned
+            y = self.attend(F.pad(q, (0, 0, cached, 0)), k, v, position)[:, :, cached:]
         return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
 
     def attend(self, q, k, v, position) -> torch.Tensor:
