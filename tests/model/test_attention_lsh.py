@@ -178,3 +178,21 @@ def test_full_every_mixes_attention_kinds_per_layer():
 def test_unsupported_combinations_are_user_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         Config.load("configs/tiny.yaml", ["model.attention.kind=lsh", *overrides])
+
+
+def test_mode_follows_the_query_position_not_the_sequence_length():
+    mixed = model("model.attention.exact_below=20", "model.attention.chunk_size=4", "model.attention.n_buckets=8")
+    exact = model(*EXACT)
+    exact.load_state_dict(mixed.state_dict())
+    x = torch.randint(0, 512, (2, 40))
+    full = mixed(x)
+    torch.testing.assert_close(full[:, :20], exact(x)[:, :20])  # positions < exact_below: exact
+    assert not torch.allclose(full[:, 20:], exact(x)[:, 20:])  # later ones: LSH
+    for max_len in (40, 64):  # the cache's size changes nothing
+        state = mixed.new_state(2, max_len)
+        steps = [mixed(x[:, :9], state)] + [mixed(x[:, t : t + 1], state) for t in range(9, 33)]
+        steps.append(mixed(x[:, 33:], state))
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+    short = mixed.new_state(2, 20)  # a cache that never reaches LSH positions keeps no buckets
+    assert short.layers[0].buckets is None
+    torch.testing.assert_close(mixed(x[:, :12], short), full[:, :12])

@@ -22,9 +22,10 @@ dominate): SELF_SCORE is added to its score. Reformer replaces the score instead
 exact mode run in PyTorch's fused attention with an additive mask, and the probabilities are the
 same (zero for the self pair unless it is alone, then one).
 
-Sequences of at most exact_below tokens use exact shared-QK attention over all earlier tokens
-instead. The mode is chosen per sequence: by T for a forward without cache and by the cache's
-max_len when decoding, so decoding into a cache of the sequence's length reproduces its forward.
+Queries at positions below exact_below use exact shared-QK attention over all earlier tokens
+instead (LSH costs more than exact attention over short spans). The mode depends on the query's
+position only, so a sequence of at most exact_below tokens is exact attention throughout, and no
+output depends on the sequence's length or on the size of a decode cache.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class LSHConfig(EfficientAttentionConfig):
                              "recent ones in its bucket")
     # 2048: a training step of configs/default.yaml in bf16 on a 2-core CPU took 1.08x full
     # attention's time with LSH at 2048 tokens and 0.95x at 3072 (benchmarks/long_context.py).
-    exact_below: int = option(2048, ge=0, help="sequences of at most this many tokens (the cache's "
-                              "max_len when decoding) use exact shared-QK attention")
+    exact_below: int = option(2048, ge=0, help="queries at positions below this attend exactly (shared-QK "
+                              "attention over every earlier token); later ones use LSH")
     seed: int = option(0, help="seed of the fixed random rotations that hash the keys")
 
     def check(self, cfg) -> None:
@@ -131,8 +132,9 @@ class LSHAttention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = position.rotate(q, q, start)
         k = F.normalize(k, dim=-1)
-        exact = (cache.max_len if cache is not None else t) <= self.exact_below
-        buckets = None if exact else self.hash(k)  # (B, H, R, T)
+        # hashes are needed once some query, now or later, is at a position >= exact_below
+        hashed = cache.buckets is not None if cache is not None else t > self.exact_below
+        buckets = self.hash(k) if hashed else None  # (B, H, R, T)
         if cache is not None:
             k, v, buckets = cache.update(k, v, buckets)  # every position so far: (B, H, start + T, ...)
         y = self.attend(q, k, v, buckets, position)
@@ -150,12 +152,18 @@ class LSHAttention(nn.Module):
             return torch.cat((rotated, -rotated), dim=-1).argmax(dim=-1)
 
     def attend(self, q, k, v, buckets, position) -> torch.Tensor:
-        """The queries' attention outputs: exact when buckets is None, else LSH over the rounds."""
+        """The queries' attention outputs: exact at positions below exact_below, LSH over the
+        rounds from there on (buckets is None when no query gets that far)."""
         # q: (B, H, Tq, hd), the last Tq of the K positions of k: (B, H, K, hd), v: (B, Hkv, K, hd);
         # buckets: (B, H, R, K) or None -> (B, H, Tq, hd)
         t_q, t_k = q.size(2), k.size(2)
-        if buckets is None:
+        if buckets is None or t_k <= self.exact_below:
             return self.exact(q, k, v, position)
+        n_exact = max(0, self.exact_below - (t_k - t_q))  # queries at positions < exact_below
+        if n_exact:
+            first = t_k - t_q + n_exact
+            exact = self.exact(q[:, :, :n_exact], k[:, :, :first], v[:, :, :first], position)
+            return torch.cat((exact, self.attend(q[:, :, n_exact:], k, v, buckets, position)), dim=2)
         q = q * q.size(-1) ** -0.5
         if t_q < t_k and t_q <= self.chunk_size:
             return self.decode(q, k, v, buckets, position)
@@ -175,7 +183,7 @@ class LSHAttention(nn.Module):
         bias = position_bias(position, q_pos.view(1, 1, -1), positions.view(1, 1, -1))  # (1, H, Tq, K)
         mask = torch.zeros(t_q, t_k, dtype=q.dtype, device=q.device) if bias is None else bias.to(q.dtype)
         mask = mask.masked_fill(positions > q_pos[:, None], float("-inf"))
-        mask.diagonal(t_k - t_q, dim1=-2, dim2=-1).add_(SELF_SCORE)
+        mask = torch.where(positions == q_pos[:, None], mask + SELF_SCORE, mask)
         v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # as many heads as the keys
         return masked_attention(q, k, v, mask, self.dropout if self.training else 0.0)
 
@@ -196,7 +204,7 @@ class LSHAttention(nn.Module):
         same = (buckets[..., t_k - t_q :, None] == buckets[..., None, :]) & causal  # (B, H, R, Tq, K)
         seen = same.cumsum(dim=-1, dtype=torch.int32)  # same-bucket keys at positions <= m
         allowed = same & (seen[..., -1:] - seen < self.chunk_size)  # fewer than chunk_size after m
-        probs, lse = MaskedSoftmax.apply(scores.unsqueeze(2), allowed, t_k - t_q)  # the self pairs: m = p
+        probs, lse = MaskedSoftmax.apply(scores.unsqueeze(2), allowed, positions == q_pos[:, None])
         v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).unsqueeze(2)  # (B, H, 1, K, hd)
         return combine(F.dropout(probs, self.dropout, self.training) @ v, lse)
 
@@ -226,7 +234,7 @@ class LSHAttention(nn.Module):
         # sorted places from key j of the window back to query a of the chunk: (c, 2c)
         behind = c + torch.arange(c, device=q.device)[:, None] - torch.arange(2 * c, device=q.device)
         allowed = (behind >= 0) & (behind < c) & (q_bucket[..., :, None] == k_bucket[..., None, :])
-        probs, lse = MaskedSoftmax.apply(scores, allowed, c)  # the self pair: behind == 0
+        probs, lse = MaskedSoftmax.apply(scores, allowed, behind == 0)
         y = F.dropout(probs, self.dropout, self.training) @ look_back(sv)  # (B, H, n, c, hd)
         y = Permute.apply(y.flatten(2, 3), sorted_place, order)[:, :, cached:t_k]
         lse = Permute.apply(lse.flatten(2, 3).unsqueeze(-1), sorted_place, order)[:, :, cached:t_k, 0]
@@ -238,12 +246,12 @@ class MaskedSoftmax(torch.autograd.Function):
     log-sum-exp (in float32 at least). Saves only the probabilities: d lse / d scores = probs."""
 
     @staticmethod
-    def forward(ctx, scores, allowed, self_offset):
-        # scores: (..., Tq, Tk); allowed: boolean, broadcast to scores; the self pairs are the
-        # diagonal self_offset of the last two dims
+    def forward(ctx, scores, allowed, is_self):
+        # scores: (..., Tq, Tk); allowed and is_self (the query-itself pairs): boolean, broadcast
+        # to scores (a tensor, not a diagonal offset, so a compiled decode step fits every length)
         ctx.shape = scores.shape  # allowed may have more rounds than scores
         scores = torch.where(allowed, scores, float("-inf"))
-        scores.diagonal(self_offset, dim1=-2, dim2=-1).add_(SELF_SCORE)
+        scores += is_self.to(scores.dtype) * SELF_SCORE
         probs = scores.softmax(dim=-1)
         ctx.save_for_backward(probs)
         # probs_j = exp(s_j - lse) at the top score j: lse = top - log(max probs), which is >= 1 / Tk.
