@@ -67,6 +67,8 @@ def test_tied_embeddings_and_counts():
     cfg = tied.config
     n = sum(p.numel() for n_, p in tied.named_parameters() if p.dim() == 2)
     assert tied.flops_per_token(64) == 6 * n + 12 * cfg.n_layers * cfg.d_model * 64
+    local = small("model.attention.kind=local", "model.attention.window=16", "model.attention.full_every=2")
+    assert local.flops_per_token(64) == 6 * n + 12 * cfg.d_model * (16 + 64)  # one local layer, one full
 
 
 def test_init_scales_residual_projections():

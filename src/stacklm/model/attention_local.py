@@ -62,6 +62,10 @@ class LocalAttention(nn.Module):
         self.proj = QKV.module_class(options.qkv, "model.attention.qkv")(options, cfg)
         self.dropout = cfg.dropout
 
+    def keys_per_query(self, seq_len: int) -> int:
+        """Keys a query scores, counting FLOPs as for full attention (PaLM's seq_len)."""
+        return min(seq_len, self.window)
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> WindowCache:
         return WindowCache(self.window, self.proj.new_state(batch, dtype, device))
 

@@ -116,6 +116,12 @@ class LSHAttention(nn.Module):
         rotations = torch.randn(options.n_hashes, cfg.head_dim, options.n_buckets // 2, generator=generator)
         self.register_buffer("rotations", rotations, persistent=False)  # (R, hd, n_buckets/2)
 
+    def keys_per_query(self, seq_len: int) -> int:
+        """Keys a query scores, counting FLOPs as for full attention (PaLM's seq_len): all of
+        them up to exact_below tokens; past it, two chunks per round (the exact queries at the
+        start of a long sequence are left out of this estimate)."""
+        return seq_len if seq_len <= self.exact_below else self.n_hashes * 2 * self.chunk_size
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LSHCache:
         n_hashes = None if max_len <= self.exact_below else self.n_hashes
         return LSHCache(batch, max_len, self.n_heads, self.n_kv_heads, self.head_dim, n_hashes, dtype, device)

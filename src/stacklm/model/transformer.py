@@ -130,9 +130,9 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token, as in PaLM (Chowdhery et al. 2022, appendix B):
-        2N for the weight matmuls (N the active ones: an MoE layer's router and top-k experts) plus 4 * n_layers * seq_len * d_attn for the attention scores
-        and their weighted sum,
-        tripled for forward + backward."""
+        2N for the weight matmuls (N the active ones: an MoE layer's router and top-k experts) plus
+        4 * seq_len * d_attn per layer for the attention scores and their weighted sum (seq_len:
+        the keys a query scores, fewer for local and LSH attention), tripled for forward + backward."""
         cfg = self.config
         # An MoE layer counts the weights one token passes through (its active parameters)
         routed = [m for m in self.modules() if hasattr(m, "active_matmul_params")]
@@ -142,7 +142,9 @@ class Transformer(nn.Module):
         n_matmul += sum(m.active_matmul_params() for m in routed)
         if cfg.tie_embeddings:
             n_matmul += self.lm_head.weight.numel()
-        forward = 2 * n_matmul + 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+        # a layer's keys per query: all seq_len for full attention, fewer for local and LSH
+        keys = sum(getattr(b.attn, "keys_per_query", lambda t: t)(seq_len) for b in self.blocks)
+        forward = 2 * n_matmul + 4 * keys * cfg.n_heads * cfg.head_dim
         return 3 * forward if training else forward
 
 
