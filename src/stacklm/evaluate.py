@@ -15,7 +15,7 @@ from stacklm.training.distributed import Dist
 @torch.no_grad()
 def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None,
              device: torch.device, dtype: torch.dtype = torch.float32, dist: Dist | None = None,
-             objective=None) -> dict:
+             objective=None, max_windows: int | None = None) -> dict:
     """Mean next-token loss over consecutive non-overlapping windows from the start of `store`.
 
     bits-per-byte converts the loss with the split's measured UTF-8 bytes per token, so models
@@ -28,6 +28,8 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
     n_windows = int(table[-1])
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
@@ -63,7 +65,7 @@ def context_sweep(model, store: TokenStore, contexts: list[int], tokens: int, ba
             raise UserError(f"--context {context}: the evaluation text has only {store.n_tokens} tokens")
         batch = max(1, batch_tokens // context)
         windows = max(1, tokens // context)
-        result = evaluate(model, store, context, batch, -(-windows // batch), device, dtype)
+        result = evaluate(model, store, context, batch, None, device, dtype, max_windows=windows)
         results.append({"context": context, **result})
     return results
 
