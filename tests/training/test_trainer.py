@@ -34,10 +34,11 @@ def test_training_reduces_loss_and_writes_a_run(tiny):
 SPARSE = ("model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qkv=multiplicative_conv")
 
 
-@pytest.mark.parametrize("model", [(), SPARSE], ids=["dense", "sparse"])
+@pytest.mark.parametrize("model", [(), SPARSE, ("train.objective.kind=ul2",)], ids=["dense", "sparse", "ul2"])
 def test_resume_is_bitwise_exact(tiny, tmp_path, model):
     """N steps straight == N/2 steps, a crash, resume, N/2 more: the same losses, bit for bit
-    (the sparse FFN draws random numbers every step: the RNG state is part of the checkpoint)."""
+    (the sparse FFN draws random numbers every step: the RNG state is part of the checkpoint;
+    UL2 draws its corruption from the batch itself)."""
     run = ("train.steps=16", "train.ckpt_every=8", "train.keep_last=5", *EXACT, *model)
     straight = train(tiny(*run, f"train.out_dir={tmp_path / 'a'}"), **QUIET)
     crashed = tmp_path / "b"
