@@ -1,3 +1,4 @@
+import os
 import re
 
 import pytest
@@ -59,8 +60,14 @@ def worker(rank: int, store: str, overrides: list[str]) -> None:
                 dist.all_reduce(grad := grad.clone())
                 want = expected[name].grad
             torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6, msg=name)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    # About one run in six, a rank that has passed every check and destroyed its process group
+    # aborts in interpreter teardown ("terminate called without an active exception", from a C++
+    # thread; seen before and after the 2026-11-29 changes, not reproduced by funcol alone). Until
+    # its cause is found, a rank that got here leaves without that teardown.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
