@@ -31,22 +31,37 @@ class LocalConfig(EfficientAttentionConfig):
 
 
 class WindowCache:
-    """The keys and values of the last window - 1 positions: all a new query sees besides itself."""
+    """A ring of the last `window` positions' keys and values: slot p % window holds position p,
+    so a new position overwrites the one that has just left every later query's window, and a
+    decoding step writes one slot and reads the ring as it is (attention does not care about the
+    order of its keys)."""
 
-    def __init__(self, window: int, qkv_state=None):
-        self.keep = window - 1
-        self.k = self.v = None  # (B, Hkv, <= window - 1, hd) once something is cached
+    def __init__(self, batch: int, n_kv_heads: int, window: int, head_dim: int, dtype: torch.dtype,
+                 device, qkv_state=None):
+        self.k = torch.zeros(batch, n_kv_heads, window, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.window = window
         self.length = 0  # positions seen so far; the model advances it after each forward
         self.qkv_state = qkv_state
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, Hkv, T, hd) -> the cached then the new keys and values, (B, Hkv, <= window - 1 + T, hd)
-        if self.k is not None:
-            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
-        # clone: a slice would keep a long prefill's whole tensor alive
-        kept = slice(k.size(2) - min(self.keep, k.size(2)), None)
-        self.k, self.v = k[:, :, kept].clone(), v[:, :, kept].clone()
-        return k, v
+    def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys and values oldest first: (B, Hkv, min(length, window), hd)."""
+        n = min(self.length, self.window)
+        slots = torch.arange(self.length - n, self.length, device=self.k.device) % self.window
+        return self.k[:, :, slots], self.v[:, :, slots]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: (B, Hkv, T, hd) at positions length ... length + T - 1; the last `window` are kept
+        t = k.size(2)
+        keep = min(t, self.window)
+        slots = torch.arange(self.length + t - keep, self.length + t, device=k.device) % self.window
+        self.k[:, :, slots], self.v[:, :, slots] = k[:, :, t - keep :], v[:, :, t - keep :]
+
+    def slot_positions(self) -> torch.Tensor:
+        """Absolute position held by each filled slot, once the step's keys are written."""
+        last = self.length  # the one new position of a decoding step
+        slots = torch.arange(min(last + 1, self.window), device=self.k.device)
+        return last - (last - slots) % self.window
 
 
 @ATTENTION.register("local", LocalConfig)
@@ -67,7 +82,8 @@ class LocalAttention(nn.Module):
         return min(seq_len, self.window)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> WindowCache:
-        return WindowCache(self.window, self.proj.new_state(batch, dtype, device))
+        return WindowCache(batch, self.n_kv_heads, min(self.window, max_len), self.head_dim, dtype, device,
+                           self.proj.new_state(batch, dtype, device))
 
     def forward(self, x: torch.Tensor, position, cache: WindowCache | None = None,
                 prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,13 +97,22 @@ class LocalAttention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = position.rotate(q, k, start)
+        dropout = self.dropout if self.training else 0.0
+        if cache is not None and t == 1:  # decoding: the query sees the whole ring, itself included
+            cache.write(k, v)
+            n = min(start + 1, cache.window)
+            bias = position_bias(position, torch.tensor([[[start]]], device=x.device),
+                                 cache.slot_positions().view(1, 1, -1))
+            y = causal_attention(q, cache.k[:, :, :n], cache.v[:, :, :n], bias, dropout)
+            return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, Hkv, cached + T, hd)
+            past_k, past_v = cache.ordered()
+            cache.write(k, v)
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # (B, Hkv, cached + T, hd)
         cached = k.size(2) - t
         if k.size(2) <= self.window:  # every query sees every key (decoding): plain causal attention
             positions = torch.arange(k.size(2), device=x.device).view(1, 1, -1)
-            y = causal_attention(q, k, v, position_bias(position, positions[..., cached:], positions),
-                                 self.dropout if self.training else 0.0)
+            y = causal_attention(q, k, v, position_bias(position, positions[..., cached:], positions), dropout)
         else:  # queries for the cached positions are never used: zeros keep q and k aligned
             y = self.attend(F.pad(q, (0, 0, cached, 0)), k, v, position)[:, :, cached:]
         return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
