@@ -2,7 +2,7 @@
 
 The query at position p sees the keys at p - window + 1 ... p (Beltagy et al. 2020's sliding
 window; Mistral's layout). Training cost and memory are O(T window) instead of O(T^2), and the
-decode cache keeps only the last window - 1 keys and values, so generation memory is O(window)
+decode cache is a ring of the last `window` keys and values, so generation memory is O(window)
 however long the sequence. Stacked layers still pass information further back: L layers reach
 L (window - 1) tokens.
 """
