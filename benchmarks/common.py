@@ -85,3 +85,23 @@ def table(rows: list[list[object]], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+QUICK_MODEL = ["model.d_model=128", "model.n_layers=2", "train.steps=100", "train.warmup_steps=10"]
+
+
+def train_variants(out, variants: dict[str, list[str]], quick: bool, reuse: bool) -> None:
+    """Train configs/default.yaml with each variant's overrides into out/<name> (a smaller model
+    with `quick`); with `reuse`, skip runs that already have a checkpoint."""
+    import stacklm
+    from stacklm.training.checkpoint import Checkpointer
+
+    for name, overrides in variants.items():
+        run = out / name
+        if reuse and Checkpointer(run / "checkpoints").latest() is not None:
+            continue
+        overrides = [*overrides, f"train.out_dir={run}", "train.progress=false", "eval.sample_tokens=0",
+                     "train.eval_every=0", "train.ckpt_every=0", *(QUICK_MODEL if quick else [])]
+        result = stacklm.train(stacklm.Config.load("configs/default.yaml", overrides), overwrite=True,
+                               log=lambda m: None)
+        print(f"trained {name}: {result.step} steps, validation loss {result.val['loss']:.4f}", flush=True)

@@ -24,29 +24,14 @@ from pathlib import Path
 import torch
 
 import stacklm
-from benchmarks.common import headline, load_average, machine, table
+from benchmarks.common import headline, load_average, machine, table, train_variants
 from stacklm.data import prepare_data
 from stacklm.evaluate import context_sweep
 from stacklm.plots import line_plot
-from stacklm.training.checkpoint import Checkpointer
 
 CPU = torch.device("cpu")  # load_run's default; evaluation in float32
 TRAIN_LEN = 256
 KINDS = ("rope", "xpos", "alibi", "learned", "none")
-
-
-def train_all(out: Path, quick: bool, reuse: bool) -> None:
-    size = ["model.d_model=128", "model.n_layers=2", "train.steps=100", "train.warmup_steps=10"] if quick else []
-    for kind in KINDS:
-        run = out / kind
-        if reuse and Checkpointer(run / "checkpoints").latest() is not None:
-            continue
-        overrides = [f"model.position.kind={kind}", f"train.out_dir={run}", "model.max_seq_len=2048",
-                     f"data.seq_len={TRAIN_LEN}", "train.progress=false", "eval.sample_tokens=0",
-                     "train.eval_every=0", "train.ckpt_every=0", *size]
-        result = stacklm.train(stacklm.Config.load("configs/default.yaml", overrides), overwrite=True,
-                               log=lambda m: None)
-        print(f"trained {kind}: {result.step} steps, validation loss {result.val['loss']:.4f}", flush=True)
 
 
 def score(out: Path, contexts: list[int], tokens: int) -> dict[str, list[dict]]:
@@ -76,7 +61,8 @@ def main() -> None:
     print(f"machine: {machine()}; load average {load_average()}")
     out = Path(args.out)
     contexts = [TRAIN_LEN * f for f in ((1, 2, 4) if args.quick else (1, 2, 4, 8))]
-    train_all(out, args.quick, args.reuse)
+    train_variants(out, {kind: [f"model.position.kind={kind}", "model.max_seq_len=2048", f"data.seq_len={TRAIN_LEN}"]
+                         for kind in KINDS}, args.quick, args.reuse)
     sweeps = score(out, contexts, args.tokens or (32768 if args.quick else 65536))
     (out / "context.json").write_text(json.dumps(sweeps, indent=2))
     line_plot(out / "context.png", {name: ([r["context"] for r in rows], [r["ppl"] for r in rows])

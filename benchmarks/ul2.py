@@ -25,26 +25,12 @@ import numpy as np
 import torch
 
 import stacklm
-from benchmarks.common import headline, load_average, machine, table
+from benchmarks.common import headline, load_average, machine, table, train_variants
 from stacklm.data import prepare_data
 from stacklm.evaluate import evaluate
-from stacklm.training.checkpoint import Checkpointer
 
 OBJECTIVES = ("causal", "ul2")
 WINDOW = 256
-
-
-def train_all(out: Path, quick: bool, reuse: bool) -> None:
-    size = ["model.d_model=128", "model.n_layers=2", "train.steps=100", "train.warmup_steps=10"] if quick else []
-    for objective in OBJECTIVES:
-        run = out / objective
-        if reuse and Checkpointer(run / "checkpoints").latest() is not None:
-            continue
-        overrides = [f"train.objective.kind={objective}", f"train.out_dir={run}", "train.progress=false",
-                     "eval.sample_tokens=0", "train.eval_every=0", "train.ckpt_every=0", *size]
-        result = stacklm.train(stacklm.Config.load("configs/default.yaml", overrides), overwrite=True,
-                               log=lambda m: None)
-        print(f"trained {objective}: {result.step} steps, validation loss {result.val['loss']:.4f}", flush=True)
 
 
 def spans(store, n: int, rng: np.random.Generator) -> list[tuple[np.ndarray, int, int]]:
@@ -92,7 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}; load average {load_average()}")
     out = Path(args.out)
-    train_all(out, args.quick, args.reuse)
+    train_variants(out, {objective: [f"train.objective.kind={objective}"] for objective in OBJECTIVES},
+                   args.quick, args.reuse)
     cases = None
     rows, scores = [], {}
     for objective in OBJECTIVES:

@@ -77,8 +77,7 @@ def denoising_losses(model, store: TokenStore, seq_len: int, batch_size: int, ma
 
     losses = {}
     for denoiser in UL2_MIXTURE:
-        objective = Denoising(UL2Config(), tokenizer)
-        objective.mixture = (denoiser,)
+        objective = Denoising(UL2Config(), tokenizer, mixture=(denoiser,))
         losses[denoiser.name] = evaluate(model, store, seq_len, batch_size, max_batches, device,
                                          objective=objective)["loss"]
     return losses

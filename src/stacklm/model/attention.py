@@ -142,9 +142,7 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
         q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads)
         q, k = position.rotate(q, k, start)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, start + T, hd)
@@ -152,6 +150,11 @@ class CausalSelfAttention(nn.Module):
         bias = position_bias(position, positions[..., start:], positions)
         y = causal_attention(q, k, v, bias, self.dropout if self.training else 0.0, prefix)
         return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, n_heads * hd) -> (B, n_heads, T, hd)."""
+    return x.unflatten(-1, (n_heads, -1)).transpose(1, 2)
 
 
 def causal_attention(q, k, v, bias: torch.Tensor | None, dropout: float = 0.0,

@@ -18,6 +18,7 @@ from torch import nn
 from stacklm.model.attention import (
     EfficientAttentionConfig,
     causal_attention,
+    heads,
     masked_attention,
     position_bias,
 )
@@ -93,16 +94,16 @@ class LocalAttention(nn.Module):
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
         q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads)
         q, k = position.rotate(q, k, start)
         dropout = self.dropout if self.training else 0.0
         if cache is not None and t == 1:  # decoding: the query sees the whole ring, itself included
             cache.write(k, v)
             n = min(start + 1, cache.window)
-            bias = position_bias(position, torch.tensor([[[start]]], device=x.device),
-                                 cache.slot_positions().view(1, 1, -1))
+            bias = None
+            if position.has_bias:  # only then the slots' positions: this is the decode step
+                bias = position_bias(position, torch.tensor([[[start]]], device=x.device),
+                                     cache.slot_positions().view(1, 1, -1))
             y = causal_attention(q, cache.k[:, :, :n], cache.v[:, :, :n], bias, dropout)
             return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))
         if cache is not None:

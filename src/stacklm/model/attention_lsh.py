@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stacklm.errors import UserError
-from stacklm.model.attention import DenseQKV, EfficientAttentionConfig, masked_attention, position_bias
+from stacklm.model.attention import DenseQKV, EfficientAttentionConfig, heads, masked_attention, position_bias
 from stacklm.registry import ATTENTION, option
 
 # Finite, so a query with no other allowed key still attends to itself; far below any q.k / sqrt(hd)
@@ -134,8 +134,7 @@ class LSHAttention(nn.Module):
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
         q, _, v = self.proj(x, None)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, v = heads(q, self.n_heads), heads(v, self.n_kv_heads)  # (B, H, T, hd), (B, Hkv, T, hd)
         q, k = position.rotate(q, q, start)
         k = F.normalize(k, dim=-1)
         # hashes are needed once some query, now or later, is at a position >= exact_below

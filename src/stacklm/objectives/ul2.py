@@ -159,8 +159,10 @@ class Denoising:
     batch is corrupted the same way on every run, so resuming a run is exact without saving state.
     """
 
-    def __init__(self, options: ComponentConfig, tokenizer):
-        if options.kind == "prefix_lm":
+    def __init__(self, options: ComponentConfig, tokenizer, mixture: tuple[Denoiser, ...] | None = None):
+        if mixture is not None:  # e.g. one denoiser, to score it alone
+            self.mixture = mixture
+        elif options.kind == "prefix_lm":
             self.mixture = (Denoiser("S"),)
         elif options.kind == "span_corruption":
             self.mixture = (Denoiser("R", options.mean_noise_span_length, options.noise_density),)
