@@ -15,6 +15,7 @@ EPILOG = """examples:
   stacklm train --resume runs/default train.steps=2000   continue (and extend) a run
   torchrun --standalone --nproc_per_node 2 --no-python stacklm train configs/default.yaml
   stacklm generate runs/default --prompt "def main(" --max-new-tokens 100
+  stacklm generate runs/t5 --system "def add(a, b):" --prompt "    return"   encoder-decoder
   stacklm eval runs/default --data 'docs/**/*.md'
   stacklm eval runs/alibi runs/rope --context 256,512,1024,2048   perplexity vs length, PNG plot
   stacklm export runs/default --format hf out/llama
@@ -64,17 +65,32 @@ def is_main_process() -> bool:
 
 
 def stream_sample(run, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p: float,
-                  seed: int | None, compile: bool = False) -> str:
-    """Generate from `prompt`, printing the text as it is made; returns the whole text."""
+                  seed: int | None, compile: bool = False, system: str | None = None) -> str:
+    """Generate from `prompt`, printing the text as it is made; returns the whole text. An
+    encoder-decoder's encoder reads `system` (as its objective lays out an input)."""
     import torch
 
     from stacklm.inference import generate
+    from stacklm.registry import OBJECTIVE
 
     tok = run.tokenizer
-    ids = tok.encode(prompt) or [tok.eos_id]  # <eos> also starts a document
-    limit = run.config.model.max_seq_len
-    if len(ids) >= limit:
-        raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {limit}")
+    m = run.config.model
+    device = next(run.model.parameters()).device
+    encoder_ids = None
+    if m.arch == "encoder_decoder":
+        objective = OBJECTIVE.build(run.config.train.objective, tok, m)
+        encoder = objective.encoder_input(tok.encode(system or ""))
+        if len(encoder) > m.max_seq_len:
+            raise UserError(f"the system prompt is {len(encoder)} tokens; this model reads at most {m.max_seq_len}")
+        encoder_ids = torch.tensor([encoder], device=device) if encoder else None
+        ids = [tok.eos_id, *tok.encode(prompt)]  # the decoder starts from <eos>, as in training
+    elif system is not None:
+        raise UserError("--system is read by an encoder; this run is decoder-only (model.arch=decoder): "
+                        "put the text in --prompt")
+    else:
+        ids = tok.encode(prompt) or [tok.eos_id]  # <eos> also starts a document
+    if len(ids) >= m.max_seq_len:
+        raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {m.max_seq_len}")
     new: list[int] = []
     shown = ""
     sys.stdout.write(prompt)
@@ -91,9 +107,9 @@ def stream_sample(run, prompt: str, max_new_tokens: int, temperature: float, top
             shown = text
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    device = next(run.model.parameters()).device
     generate(run.model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, top_p,
-             eos_id=tok.eos_id, generator=generator, on_token=on_token, compile=compile)
+             eos_id=tok.eos_id, generator=generator, on_token=on_token, compile=compile,
+             encoder_ids=encoder_ids)
     sys.stdout.write("\n")
     return prompt + shown
 
@@ -106,7 +122,7 @@ def cmd_generate(args) -> None:
     run = load_run(args.run, device, resolve_dtype(args.dtype, device))
     temperature = 0.0 if args.greedy else args.temperature
     stream_sample(run, args.prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, args.seed,
-                  args.compile)
+                  args.compile, args.system)
 
 
 # Settings `stacklm eval` may change on a trained model: how it attends, not what its weights are.
@@ -117,6 +133,7 @@ def cmd_eval(args) -> None:
     from stacklm.data import prepare_data
     from stacklm.device import resolve_device
     from stacklm.evaluate import context_sweep, denoising_losses, evaluate
+    from stacklm.registry import OBJECTIVE
     from stacklm.runs import load_run
 
     runs = [item for item in args.items if "=" not in item]
@@ -150,9 +167,11 @@ def cmd_eval(args) -> None:
         if seq_len > run.config.model.max_seq_len:
             raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({run.config.model.max_seq_len})")
         batches = args.batches if args.batches else run.config.eval.max_batches
-        result = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size, batches, device)
+        objective = OBJECTIVE.build(run.config.train.objective, run.tokenizer, run.config.model)
+        result = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size, batches, device,
+                          encoder_input=objective.encoder_input([]))
         if args.denoisers or run.config.train.objective.kind != "causal":
-            if run.config.model.attention.kind != "full":
+            if run.config.model.arch == "decoder" and run.config.model.attention.kind != "full":
                 raise UserError(f"--denoisers: denoising attends both ways over its inputs, which "
                                 f"model.attention.kind={run.config.model.attention.kind} cannot")
             result["denoising"] = denoising_losses(run.model, data.val, seq_len, run.config.eval.batch_size,
@@ -262,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue a prompt with the run's latest checkpoint, streaming to stdout.")
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--system", default=None, help="encoder-decoder runs: text the encoder reads (a system "
+                   "prompt); the decoder continues --prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")

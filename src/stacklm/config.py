@@ -29,10 +29,12 @@ PRESET_DIR = Path("configs")
 
 @dataclasses.dataclass
 class ModelConfig:
-    arch: str = option("decoder", choices=("decoder",), help="model family")
+    arch: str = option("decoder", choices=("decoder", "encoder_decoder"), help="decoder: decoder-only; "
+                       "encoder_decoder: a bidirectional encoder and a decoder with cross-attention (T5)")
     vocab_size: int = option(8192, ge=1, help="vocabulary size (the tokenizer is trained to it)")
     d_model: int = option(256, ge=1, help="residual stream width")
-    n_layers: int = option(4, ge=1, help="number of transformer blocks")
+    n_layers: int = option(4, ge=1, help="number of transformer blocks (of the decoder)")
+    encoder_layers: int | None = option(None, ge=1, help="encoder_decoder: encoder blocks; default n_layers")
     n_heads: int = option(4, ge=1, help="attention query heads")
     n_kv_heads: int | None = option(None, ge=1, help="key/value heads (GQA/MQA); default n_heads")
     d_ff: int | None = option(None, ge=1, help="FFN hidden width; default 8/3 d_model, rounded up to 64")
@@ -48,6 +50,13 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def encoder_position(self) -> ComponentConfig:
+        """The encoder's position options: the bidirectional variant where the kind has one."""
+        if hasattr(self.position, "bidirectional"):
+            return dataclasses.replace(self.position, bidirectional=True)
+        return self.position
 
     @property
     def kv_heads(self) -> int:
@@ -160,7 +169,13 @@ class Config:
         if self.data.seq_len > m.max_seq_len:
             raise UserError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                             f"({m.max_seq_len}); raise model.max_seq_len or lower data.seq_len")
-        for options in (m.attention, m.ffn, m.position, m.norm, self.train.objective):
+        if m.arch == "decoder" and m.encoder_layers is not None:
+            raise UserError("model.encoder_layers is set but model.arch=decoder has no encoder; "
+                            "set model.arch=encoder_decoder or drop model.encoder_layers")
+        components = [m.attention, m.ffn, m.position, m.norm, self.train.objective]
+        if m.arch == "encoder_decoder":
+            components.append(m.encoder_position)
+        for options in components:
             check = getattr(options, "check", None)
             if check is not None:
                 check(m)

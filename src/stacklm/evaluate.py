@@ -15,12 +15,14 @@ from stacklm.training.distributed import Dist
 @torch.no_grad()
 def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None,
              device: torch.device, dtype: torch.dtype = torch.float32, dist: Dist | None = None,
-             objective=None, max_windows: int | None = None) -> dict:
+             objective=None, max_windows: int | None = None, encoder_input: list[int] | None = None) -> dict:
     """Mean next-token loss over consecutive non-overlapping windows from the start of `store`.
 
     bits-per-byte converts the loss with the split's measured UTF-8 bytes per token, so models
     with different tokenizers compare. With a denoising `objective` (`stacklm.objectives.ul2`),
-    the loss is that objective's, over its target tokens.
+    the loss is that objective's, over its target tokens. An encoder-decoder's next-token loss is
+    its decoder's with the encoder reading `encoder_input` (None or []: an empty input; a
+    decoder-only model ignores it).
     """
     dist = dist or Dist()
     seq_len = min(seq_len, store.n_tokens - 1)
@@ -37,10 +39,12 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
     for first in mine:
         rows = [store.window(i, seq_len, table) for i in range(first, min(first + batch_size, n_windows))]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-        inputs, targets, prefix = objective.batch(batch) if objective else (batch[:, :-1], batch[:, 1:], None)
+        inputs = objective.batch(batch) if objective else {"idx": batch[:, :-1], "targets": batch[:, 1:]}
+        if encoder_input and objective is None and model.config.arch == "encoder_decoder":
+            inputs["encoder_ids"] = torch.tensor([encoder_input], device=device).expand(len(rows), -1)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(inputs, targets=targets, prefix=prefix)
-        n = (targets != -100).sum()
+            loss = model(**inputs)
+        n = (inputs["targets"] != -100).sum()
         total[0] += loss.double() * n
         total[1] += n
     dist.all_reduce_sum(total)
@@ -77,7 +81,7 @@ def denoising_losses(model, store: TokenStore, seq_len: int, batch_size: int, ma
 
     losses = {}
     for denoiser in UL2_MIXTURE:
-        objective = Denoising(UL2Config(), tokenizer, mixture=(denoiser,))
+        objective = Denoising(UL2Config(), tokenizer, model.config, mixture=(denoiser,))
         losses[denoiser.name] = evaluate(model, store, seq_len, batch_size, max_batches, device,
                                          objective=objective)["loss"]
     return losses

@@ -36,6 +36,11 @@ class ComponentConfig:
         every k-th layer) returns other options for some layers."""
         return self
 
+    def causal(self) -> ComponentConfig:
+        """The options a causal stack (a decoder) is built with; a component that looks across
+        positions (expert-choice routing) returns a causal variant of itself."""
+        return self
+
 
 class Registry:
     def __init__(self, name: str):

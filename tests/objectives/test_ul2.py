@@ -109,7 +109,7 @@ def tokenizer():
 
 def objective(tokenizer, kind, *overrides):
     config = Config.load("configs/tiny.yaml", [f"train.objective.kind={kind}", *overrides])
-    return OBJECTIVE.build(config.train.objective, tokenizer)
+    return OBJECTIVE.build(config.train.objective, tokenizer, config.model)
 
 
 @pytest.mark.parametrize("denoiser", UL2_MIXTURE, ids=lambda d: f"{d.mode}{d.mean_span:g}-{d.corruption:g}")
@@ -131,7 +131,8 @@ def test_prefix_lm_layout_restores_the_window(tokenizer, denoiser):
 def test_batch_targets_cover_the_targets_only_and_repeat_for_the_same_batch(tokenizer):
     ul2 = objective(tokenizer, "ul2")
     batch = torch.randint(300, 512, (8, 65))
-    inputs, targets, prefix = ul2.batch(batch)
+    out = ul2.batch(batch)
+    inputs, targets, prefix = out["idx"], out["targets"], out["prefix"]
     for row in range(8):
         labelled = torch.nonzero(targets[row] != -100).flatten()
         assert labelled[0] == prefix[row] - 1  # the last prefix position predicts the first target
@@ -139,7 +140,7 @@ def test_batch_targets_cover_the_targets_only_and_repeat_for_the_same_batch(toke
         inner = labelled[labelled < inputs.size(1) - 1]
         assert torch.equal(targets[row, inner], inputs[row, inner + 1])  # next-token labels
     again = ul2.batch(batch.clone())
-    assert all(torch.equal(a, b) for a, b in zip((inputs, targets, prefix), again, strict=True))
+    assert out.keys() == again.keys() and all(torch.equal(out[k], again[k]) for k in out)
 
 
 def test_span_corruption_and_prefix_lm_options(tokenizer):
@@ -153,3 +154,39 @@ def test_span_corruption_and_prefix_lm_options(tokenizer):
 def test_denoising_needs_full_attention():
     with pytest.raises(UserError, match="model.attention.kind=local cannot; use full"):
         Config.load("configs/tiny.yaml", ["train.objective.kind=ul2", "model.attention.kind=local"])
+
+
+@pytest.mark.parametrize("denoiser", UL2_MIXTURE, ids=lambda d: f"{d.mode}{d.mean_span:g}-{d.corruption:g}")
+def test_encoder_decoder_layout_restores_the_window(tokenizer, denoiser):
+    ul2 = objective(tokenizer, "ul2", "model.arch=encoder_decoder")
+    rng = np.random.default_rng(4)
+    window = rng.integers(300, 512, 257)
+    encoder, decoder = ul2.encoder_decoder_example(window, denoiser, rng)
+    assert encoder[0] == tokenizer.token_id({"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}[denoiser.mode])
+    assert decoder[0] == tokenizer.eos_id  # the decoder starts a document
+    assert len(encoder) <= 256 and len(decoder) <= 257  # within the model's input length
+    inputs, targets = encoder[1:], decoder[1:]
+    restored = np.concatenate((inputs, targets)) if denoiser.mode == "S" else \
+        fill_sentinels(inputs, targets, tokenizer.sentinel_ids)
+    assert len(restored) > 0.9 * len(window)  # each side has a window's room: little is cut
+    np.testing.assert_array_equal(restored, window[: len(restored)])
+
+
+def test_encoder_decoder_batch(tokenizer):
+    ul2 = objective(tokenizer, "ul2", "model.arch=encoder_decoder")
+    batch = torch.randint(300, 512, (8, 65))
+    out = ul2.batch(batch)
+    assert set(out) == {"idx", "targets", "encoder_ids", "encoder_lengths"}
+    idx, targets, enc, lengths = out["idx"], out["targets"], out["encoder_ids"], out["encoder_lengths"]
+    assert enc.size(1) == int(lengths.max()) <= 64 and idx.size(1) <= 64  # padded to the longest only
+    for row in range(8):
+        assert (enc[row, lengths[row]:] == tokenizer.pad_id).all()
+        labelled = torch.nonzero(targets[row] != -100).flatten()
+        assert torch.equal(labelled, torch.arange(len(labelled)))  # from the first decoder position
+        assert idx[row, 0] == tokenizer.eos_id
+        inner = labelled[labelled < idx.size(1) - 1]
+        assert torch.equal(targets[row, inner], idx[row, inner + 1])
+        inputs, span_targets = enc[row, 1 : lengths[row]].numpy(), targets[row, labelled].numpy()
+        restored = np.concatenate((inputs, span_targets)) if enc[row, 0] == tokenizer.token_id("[S2S]") \
+            else fill_sentinels(inputs, span_targets, tokenizer.sentinel_ids)
+        np.testing.assert_array_equal(restored, batch[row, : len(restored)].numpy())

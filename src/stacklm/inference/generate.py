@@ -31,8 +31,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
              generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False) -> torch.Tensor:
-    """Continue `prompt` (B, T) by up to max_new_tokens; returns (B, T + n) ids.
+             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False,
+             encoder_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Continue `prompt` (B, T) by up to max_new_tokens; returns (B, T + n) ids. An
+    encoder-decoder's decoder continues `prompt` reading `encoder_ids` (B, S), encoded once.
 
     Stops when every sequence has produced `eos_id` (later positions of a finished sequence
     repeat it) or at model.max_seq_len. `on_token` receives each new (B,) column as it is made.
@@ -43,7 +45,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     model.eval()
     b, t = prompt.shape
     max_new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - t))
-    state = model.new_state(b, t + max_new_tokens)
+    context = {} if encoder_ids is None else {"encoder_ids": encoder_ids}
+    state = model.new_state(b, t + max_new_tokens, **context)
     logits = model(prompt, state)[:, -1]
     step = compiled_decode_step(model) if compile else model
     out = [prompt]

@@ -57,9 +57,16 @@ class EfficientAttentionConfig(AttentionConfig):
 
     def for_layer(self, layer: int) -> AttentionConfig:
         if self.full_every and (layer + 1) % self.full_every == 0:
-            shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AttentionConfig)}
-            return AttentionConfig(**{**shared, "kind": "full"})
+            return full_attention(self)
         return self
+
+
+def full_attention(options: AttentionConfig) -> AttentionConfig:
+    """`options` as full attention: the same projections (qkv, bias, ...) with kind `full`."""
+    if options.kind == "full":
+        return options
+    shared = {f.name: getattr(options, f.name) for f in dataclasses.fields(AttentionConfig)}
+    return AttentionConfig(**{**shared, "kind": "full"})
 
 
 class KVCache:

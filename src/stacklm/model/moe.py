@@ -46,7 +46,8 @@ class MoEConfig(ComponentConfig):
     n_experts: int = option(8, ge=2, help="E, experts per MoE layer")
     router: str = option("switch", choices=("switch", "topk", "expert_choice"),
                          help="switch: top-1; topk: top-k with gates renormalised to sum to 1; "
-                         "expert_choice: each expert picks its tokens (not causal: encoders only)")
+                         "expert_choice: each expert picks its tokens (not causal: encoders only; "
+                         "the decoder of an encoder-decoder then routes with switch)")
     top_k: int = option(2, ge=1, help="experts per token for router=topk")
     expert: ComponentConfig = option(factory=SwiGLUConfig, registry=FFN,
                                      help="the experts' FFN: dense (SwiGLU), gelu or sparse")
@@ -81,6 +82,9 @@ class MoEConfig(ComponentConfig):
 
     def for_layer(self, layer: int) -> ComponentConfig:
         return self if (layer + 1) % self.every == 0 else self.expert
+
+    def causal(self) -> ComponentConfig:
+        return dataclasses.replace(self, router="switch") if self.router == "expert_choice" else self
 
 
 class GroupedSwiGLU(nn.Module):

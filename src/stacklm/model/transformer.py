@@ -9,18 +9,19 @@ from torch import nn
 
 from stacklm.config import Config, ModelConfig
 from stacklm.model.loss import linear_cross_entropy
-from stacklm.registry import ATTENTION, FFN, NORM, POSITION
+from stacklm.registry import ATTENTION, FFN, NORM, POSITION, ComponentConfig
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, attention: ComponentConfig | None = None,
+                 ffn: ComponentConfig | None = None):
         super().__init__()
         self.attn_norm = NORM.build(cfg.norm, cfg.d_model)
-        self.attn = ATTENTION.build(cfg.attention.for_layer(layer), cfg)
+        self.attn = ATTENTION.build(attention or cfg.attention.for_layer(layer), cfg)
         self.ffn_norm = NORM.build(cfg.norm, cfg.d_model)
-        self.ffn = FFN.build(cfg.ffn.for_layer(layer), cfg)
+        self.ffn = FFN.build(ffn or cfg.ffn.for_layer(layer), cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, position, cache=None, prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,12 +55,15 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.position = POSITION.build(cfg.position, cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.n_layers))
         self.norm = NORM.build(cfg.norm, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+
+    def make_block(self, cfg: ModelConfig, layer: int) -> nn.Module:
+        return Block(cfg, layer)
 
     def reset_parameters(self) -> None:
         """Weight matrices ~ N(0, init_std), residual output projections (`out_proj`) scaled down
@@ -82,13 +86,23 @@ class Transformer(nn.Module):
         """`prefix` (B,) makes a prefix LM: sequence b's first prefix[b] positions attend to each
         other both ways (the rest stays causal)."""
         # idx: (B, T) -> logits (B, T, V); with targets: (B, T) -> scalar loss
+        start = self.start(idx, state)
+        x = self.drop(self.position.embed(self.embed(idx), start))
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.position, state.layers[i] if state is not None else None, prefix)
+        return self.head(x, idx, state, targets)
+
+    def start(self, idx: torch.Tensor, state: DecodeState | None) -> int:
+        """The position of idx's first token: the decode state's length (0 without one)."""
         start = state.length if state is not None else 0
         if start + idx.size(1) > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds model.max_seq_len "
                              f"({self.config.max_seq_len})")
-        x = self.drop(self.position.embed(self.embed(idx), start))
-        for i, block in enumerate(self.blocks):
-            x = block(x, self.position, state.layers[i] if state is not None else None, prefix)
+        return start
+
+    def head(self, x: torch.Tensor, idx: torch.Tensor, state: DecodeState | None,
+             targets: torch.Tensor | None) -> torch.Tensor:
+        """The last blocks' output -> logits, or the loss on targets; advances the decode state."""
         if state is not None:
             state.advance(idx.size(1))
         x = self.norm(x)
@@ -113,13 +127,18 @@ class Transformer(nn.Module):
         """Statistics of the last forward from the layers that keep some (MoE routing), keyed
         `layer{i}.{name}`, plus their means over layers keyed by name."""
         out, totals = {}, {}
-        for i, block in enumerate(self.blocks):
-            metrics = getattr(block.ffn, "metrics", None)
-            for name, value in (metrics() if metrics is not None else {}).items():
-                out[f"layer{i}.{name}"] = value
-                if not isinstance(value, list):
-                    totals.setdefault(name, []).append(value)
+        for stack, blocks in self.stacks().items():
+            for i, block in enumerate(blocks):
+                metrics = getattr(block.ffn, "metrics", None)
+                for name, value in (metrics() if metrics is not None else {}).items():
+                    out[f"{stack}layer{i}.{name}"] = value
+                    if not isinstance(value, list):
+                        totals.setdefault(name, []).append(value)
         return {**{name: sum(v) / len(v) for name, v in totals.items()}, **out}
+
+    def stacks(self) -> dict[str, nn.ModuleList]:
+        """The model's stacks of blocks by the prefix their layer metrics take."""
+        return {"": self.blocks}
 
     def num_params(self, embedding: bool = True) -> int:
         """Parameter count (shared tensors once); without the input embedding if embedding=False."""
@@ -142,13 +161,27 @@ class Transformer(nn.Module):
         n_matmul += sum(m.active_matmul_params() for m in routed)
         if cfg.tie_embeddings:
             n_matmul += self.lm_head.weight.numel()
-        # a layer's keys per query: all seq_len for full attention, fewer for local and LSH
-        keys = sum(getattr(b.attn, "keys_per_query", lambda t: t)(seq_len) for b in self.blocks)
+        # a layer's keys per query: all seq_len for full attention, fewer for local and LSH (and
+        # seq_len encoder positions for an encoder-decoder's cross-attention)
+        blocks = [b for stack in self.stacks().values() for b in stack]
+        keys = sum(getattr(b.attn, "keys_per_query", lambda t: t)(seq_len) for b in blocks)
+        keys += seq_len * sum(hasattr(b, "cross_attn") for b in blocks)
         forward = 2 * n_matmul + 4 * keys * cfg.n_heads * cfg.head_dim
+        # a token of an encoder-decoder's window goes through one of its two stacks, about half of
+        # them through each
+        forward /= len(self.stacks())
         return 3 * forward if training else forward
+
+
+# model.arch -> model class; stacklm.model.encoder_decoder adds its own
+ARCHITECTURES: dict[str, type[Transformer]] = {"decoder": Transformer}
 
 
 def build_model(config: Config | ModelConfig) -> Transformer:
     """A freshly initialised model for `config` (a whole Config or its ModelConfig)."""
     cfg = config.model if isinstance(config, Config) else config
-    return Transformer(cfg)
+    return ARCHITECTURES[cfg.arch](cfg)
+
+
+# registers model.arch=encoder_decoder (it builds on the classes above)
+from stacklm.model import encoder_decoder  # noqa: E402, F401

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from stacklm.errors import UserError
 from stacklm.registry import OBJECTIVE, ComponentConfig
 
 
@@ -13,12 +14,26 @@ from stacklm.registry import OBJECTIVE, ComponentConfig
 class CausalConfig(ComponentConfig):
     kind: str = "causal"
 
+    def check(self, cfg) -> None:
+        if cfg.arch == "encoder_decoder":
+            raise UserError("train.objective.kind=causal leaves an encoder-decoder's encoder unused; "
+                            "valid: prefix_lm (the encoder reads a prefix, the decoder continues it), "
+                            "span_corruption or ul2")
+
 
 @OBJECTIVE.register("causal", CausalConfig)
 class CausalLM:
-    def __init__(self, options: CausalConfig, tokenizer=None):
+    def __init__(self, options: CausalConfig, tokenizer=None, model_config=None):
         self.options = options
+
+    def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, T + 1) windows -> the model's inputs: idx (B, T) and targets (B, T)."""
+        return {"idx": batch[:, :-1], "targets": batch[:, 1:]}
+
+    def encoder_input(self, ids: list[int]) -> list[int]:
+        """What an encoder-decoder's encoder reads for a text's `ids` (a system prompt)."""
+        return ids
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         # batch: (B, T + 1) token ids
-        return model(batch[:, :-1], targets=batch[:, 1:])
+        return model(**self.batch(batch))

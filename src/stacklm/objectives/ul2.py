@@ -35,11 +35,17 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_l
     round(noise / mean_noise_span_length) spans (at least 1), alternating with as many runs of kept
     tokens; the first token is always kept. Span and gap lengths are uniformly random partitions."""
     n = max(length, 2)
-    noise = min(max(round(n * noise_density), 1), n - 1)
-    spans = min(max(round(noise / mean_noise_span_length), 1), noise, n - noise)
+    noise, spans = noise_counts(n, noise_density, mean_noise_span_length)
     kept, noisy = random_partition(n - noise, spans, rng), random_partition(noise, spans, rng)
     lengths = np.stack((kept, noisy), axis=1).flatten()  # kept, noise, kept, noise, ...
     return np.repeat(np.tile([False, True], spans), lengths)[:length]
+
+
+def noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """The noise tokens and spans random_spans_noise_mask makes of `length` tokens (not random)."""
+    n = max(length, 2)
+    noise = min(max(round(n * noise_density), 1), n - 1)
+    return noise, min(max(round(noise / mean_noise_span_length), 1), noise, n - noise)
 
 
 def prefix_noise_mask(length: int, rng: np.random.Generator) -> np.ndarray:
@@ -141,25 +147,31 @@ class UL2Config(ComponentConfig):
 
 def needs_full_attention(kind: str, cfg) -> None:
     attention = cfg.attention
-    if attention.kind != "full":
+    if cfg.arch == "decoder" and attention.kind != "full":  # an encoder attends both ways anyway
         raise UserError(f"train.objective.kind={kind} attends both ways over its inputs (a prefix LM), "
-                        f"which model.attention.kind={attention.kind} cannot; use full")
+                        f"which model.attention.kind={attention.kind} cannot; use full, or "
+                        f"model.arch=encoder_decoder (its encoder reads the inputs)")
 
 
 @OBJECTIVE.register("prefix_lm", PrefixLMConfig)
 @OBJECTIVE.register("span_corruption", SpanCorruptionConfig)
 @OBJECTIVE.register("ul2", UL2Config)
 class Denoising:
-    """Denoising objectives for a decoder-only model, in the prefix-LM layout: each window becomes
-    [mode token] inputs targets, the model attends both ways over the first part (the prefix) and
-    causally over the targets, and the loss covers the targets only. `prefix_lm` is the S-denoiser
-    alone, `span_corruption` T5's objective (one R-denoiser), `ul2` a mixture drawn per example.
+    """Denoising objectives: `prefix_lm` is the S-denoiser alone, `span_corruption` T5's objective
+    (one R-denoiser), `ul2` a mixture drawn per example. Each window becomes inputs and targets
+    (`corrupt`), laid out for the model's architecture:
+
+    - decoder-only, the prefix-LM layout: [mode] inputs targets, attending both ways over the
+      prefix ([mode] inputs) and causally over the targets, the loss on the targets only;
+    - encoder-decoder: the encoder reads [mode] inputs, the decoder <eos> targets (<eos> starts a
+      document), the loss on the targets.
 
     An example's denoiser and mask come from a generator seeded by the window's tokens: the same
     batch is corrupted the same way on every run, so resuming a run is exact without saving state.
     """
 
-    def __init__(self, options: ComponentConfig, tokenizer, mixture: tuple[Denoiser, ...] | None = None):
+    def __init__(self, options: ComponentConfig, tokenizer, model_config=None,
+                 mixture: tuple[Denoiser, ...] | None = None):
         if mixture is not None:  # e.g. one denoiser, to score it alone
             self.mixture = mixture
         elif options.kind == "prefix_lm":
@@ -171,51 +183,97 @@ class Denoising:
         use_modes = getattr(options, "mode_tokens", False)
         self.modes = {mode: tokenizer.token_id(token) for mode, token in MODE_TOKEN.items()} if use_modes else None
         self.sentinels = tokenizer.sentinel_ids
-        self.pad_id = tokenizer.pad_id
+        self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
+        self.encoder_decoder = model_config is not None and model_config.arch == "encoder_decoder"
 
-    def example(self, window: np.ndarray, denoiser: Denoiser, rng: np.random.Generator):
-        """One window (N tokens) -> (tokens (N,), prefix length, loss mask (N,)): [mode] inputs
-        targets, the raw text shortened until the sentinels fit, padded to N."""
-        n, head = len(window), int(self.modes is not None)
-        raw = n - head
-        while raw > 2 and denoiser.mode != "S" and head + raw + 2 * expected_spans(raw, denoiser) > n:
-            raw -= 1
+    def head(self, denoiser: Denoiser) -> list[int]:
+        """The tokens an example's inputs start with: its paradigm token, if mode tokens are on."""
+        return [self.modes[denoiser.mode]] if self.modes is not None else []
+
+    def corrupt(self, window: np.ndarray, denoiser: Denoiser, rng: np.random.Generator,
+                fits) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets from the longest start of `window` whose counts (raw length, noise
+        tokens, spans) `fits`: S splits it in a prefix and its continuation (no sentinels), R and
+        X replace spans by sentinels (`span_corrupt`)."""
+        raw = len(window)
+        if denoiser.mode != "S":
+            while raw > 2 and not fits(raw, *noise_counts(raw, denoiser.corruption, denoiser.mean_span)):
+                raw -= 1
         tokens = window[:raw]
         mask = denoiser.mask(raw, rng)
-        if denoiser.mode == "S":  # a prefix and its continuation: no sentinels needed
-            inputs, targets = tokens[~mask], tokens[mask]
-        else:
-            inputs, targets = span_corrupt(tokens, mask, self.sentinels)
-        parts = ([np.array([self.modes[denoiser.mode]], dtype=window.dtype)] if head else []) + [inputs, targets]
-        sequence = np.concatenate(parts)
+        if denoiser.mode == "S":
+            return tokens[~mask], tokens[mask]
+        return span_corrupt(tokens, mask, self.sentinels)
+
+    def example(self, window: np.ndarray, denoiser: Denoiser, rng: np.random.Generator):
+        """Decoder-only: one window (N tokens) -> (tokens (N,), prefix length, loss mask (N,)):
+        [mode] inputs targets, the raw text shortened until the sentinels fit, padded to N."""
+        n, head = len(window), self.head(denoiser)
+        # inputs and targets hold the raw tokens and a sentinel per span each
+        inputs, targets = self.corrupt(window[: n - len(head)], denoiser, rng,
+                                       lambda raw, noise, spans: len(head) + raw + 2 * spans <= n)
+        sequence = np.concatenate([np.array(head, dtype=window.dtype), inputs, targets])
         out = np.full(n, self.pad_id, dtype=window.dtype)
         out[: len(sequence)] = sequence
         loss = np.zeros(n, dtype=bool)
-        loss[head + len(inputs) : len(sequence)] = True
-        return out, head + len(inputs), loss
+        loss[len(head) + len(inputs) : len(sequence)] = True
+        return out, len(head) + len(inputs), loss
 
-    def batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T + 1) windows -> model inputs (B, T), targets (B, T) with -100 off the loss, prefix (B,)."""
+    def encoder_decoder_example(self, window: np.ndarray, denoiser: Denoiser,
+                                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Encoder-decoder: one window (N tokens) -> the encoder's [mode] inputs (at most N - 1
+        tokens, the model's input length) and the decoder's <eos> targets (at most N)."""
+        n, head = len(window), self.head(denoiser)
+        # encoder: the kept tokens and a sentinel per span; decoder: the noise and a sentinel per span
+        inputs, targets = self.corrupt(
+            window[: n - len(head)], denoiser, rng,
+            lambda raw, noise, spans: len(head) + raw - noise + spans < n and 1 + noise + spans <= n)
+        encoder = np.concatenate([np.array(head, dtype=window.dtype), inputs])
+        decoder = np.concatenate([np.array([self.eos_id], dtype=window.dtype), targets])
+        return encoder, decoder
+
+    def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, T + 1) windows -> the model's inputs: idx (B, T) and targets (B, T) with -100 off
+        the loss, and prefix (B,) (decoder-only) or encoder_ids (B, S) and encoder_lengths (B,)."""
         rows = batch.cpu().numpy()
-        examples = []
+        draws = []
         for row in rows:
             rng = np.random.default_rng(zlib.crc32(row.tobytes()))
-            examples.append(self.example(row, sample_denoiser(self.mixture, rng), rng))
+            draws.append((row, sample_denoiser(self.mixture, rng), rng))
+        if self.encoder_decoder:
+            return self.encoder_decoder_batch([self.encoder_decoder_example(*d) for d in draws], batch.device)
+        examples = [self.example(*d) for d in draws]
         tokens = torch.from_numpy(np.stack([e[0] for e in examples]).astype(np.int64))
         loss = torch.from_numpy(np.stack([e[2] for e in examples]))
         prefix = torch.tensor([e[1] for e in examples])
         targets = tokens[:, 1:].masked_fill(~loss[:, 1:], -100)
         device = batch.device
-        return tokens[:, :-1].to(device), targets.to(device), prefix.to(device)
+        return {"idx": tokens[:, :-1].to(device), "targets": targets.to(device), "prefix": prefix.to(device)}
+
+    def encoder_decoder_batch(self, examples: list[tuple[np.ndarray, np.ndarray]], device) -> dict[str, torch.Tensor]:
+        # each side padded to its longest example in the batch: no compute on a fixed width
+        encoder = pad([e[0] for e in examples], self.pad_id)
+        decoder = pad([e[1] for e in examples], self.pad_id)
+        lengths = torch.tensor([len(e[0]) for e in examples])
+        decoder_lengths = torch.tensor([len(e[1]) for e in examples])
+        real = torch.arange(decoder.size(1) - 1)[None, :] < (decoder_lengths[:, None] - 1)
+        targets = decoder[:, 1:].masked_fill(~real, -100)
+        return {"idx": decoder[:, :-1].to(device), "targets": targets.to(device),
+                "encoder_ids": encoder.to(device), "encoder_lengths": lengths.to(device)}
+
+    def encoder_input(self, ids: list[int]) -> list[int]:
+        """What an encoder-decoder's encoder reads for a text's `ids` (a system prompt): the text,
+        as the S-denoiser's prefix ([S2S] first if mode tokens are on)."""
+        return self.head(Denoiser("S")) + list(ids)
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         # batch: (B, T + 1) token ids
-        inputs, targets, prefix = self.batch(batch)
-        return model(inputs, targets=targets, prefix=prefix)
+        return model(**self.batch(batch))
 
 
-def expected_spans(length: int, denoiser: Denoiser) -> int:
-    """The span count random_spans_noise_mask gives for `length` tokens (it is not random)."""
-    n = max(length, 2)
-    noise = min(max(round(n * denoiser.corruption), 1), n - 1)
-    return min(max(round(noise / denoiser.mean_span), 1), noise, n - noise)
+def pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
+    """Rows of different lengths -> (len(rows), longest) int64, padded with `value` on the right."""
+    out = np.full((len(rows), max(len(r) for r in rows)), value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return torch.from_numpy(out)

@@ -120,7 +120,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         data.tokenizer.save(run_dir / TOKENIZER_FILE)
 
     model = build_model(config).to(device)
-    objective = OBJECTIVE.build(tcfg.objective, data.tokenizer)
+    objective = OBJECTIVE.build(tcfg.objective, data.tokenizer, config.model)
     optimizer = build_optimizer(model, tcfg, device)
     loader = PackedLoader(data.train, seq_len, tcfg.batch_size, tcfg.seed, rank=info.rank, world=info.world)
     step, skipped = 0, 0
@@ -151,7 +151,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
 
     def run_eval() -> dict:
         return evaluate(model, data.val, seq_len, config.eval.batch_size, tcfg.eval_batches, device,
-                        autocast_dtype, info)
+                        autocast_dtype, info, encoder_input=objective.encoder_input([]))
 
     def save(at: int) -> Path | None:
         if not info.main:

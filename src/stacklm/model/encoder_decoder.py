@@ -1,0 +1,185 @@
+"""The encoder-decoder Transformer, `model.arch: encoder_decoder` (T5, Raffel et al. 2020), the
+architecture UL2 (Tay et al. 2022) trains with its mixture of denoisers beside decoder-only.
+
+The encoder reads its input both ways; each decoder block puts cross-attention to the encoder's
+output h between its causal self-attention and its FFN:
+
+    encoder:  x = x + SelfAttn(norm(x))  (full attention, every input position visible)
+              x = x + FFN(norm(x))
+    decoder:  x = x + SelfAttn(norm(x))  (causal, any attention kind)
+              x = x + CrossAttn(norm(x), h)  (queries from x, keys and values from h)
+              x = x + FFN(norm(x))
+
+Both stacks are built from the registered components of ModelConfig: the encoder takes
+`model.attention` as full attention (same projections) and the position kind with its
+bidirectional variant (T5's bias buckets for keys after the query); the decoder's FFN takes its
+causal variant (an expert-choice MoE routes with switch there). The stacks share the token embedding
+(tied, also the output projection) and keep position modules of their own.
+
+An encoder input may be empty (no encoder_ids, or a length of 0): cross-attention over no positions
+adds nothing, and the decoder is a plain language model. Generation encodes once:
+`new_state(..., encoder_ids=...)` keeps each decoder layer's cross-attention keys and values beside
+its self-attention KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from stacklm.config import ModelConfig
+from stacklm.model.attention import full_attention, heads, masked_attention
+from stacklm.model.transformer import ARCHITECTURES, Block, DecodeState, Transformer
+from stacklm.registry import NORM, POSITION
+
+
+@dataclasses.dataclass
+class Memory:
+    """What one decoder layer's cross-attention reads of the encoded input."""
+
+    k: torch.Tensor  # (B, Hkv, S, hd)
+    v: torch.Tensor  # (B, Hkv, S, hd)
+    visible: torch.Tensor  # (B, 1, 1, S) bool: the input's real (not padding) positions
+    present: torch.Tensor  # (B, 1, 1) bool: the input is not empty
+
+
+class CrossAttention(nn.Module):
+    """softmax(q k^T / sqrt(hd)) v with q from the decoder and k, v from the encoder's output; no
+    positions (as in T5), grouped-query heads as in self-attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        bias = cfg.attention.bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.out_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+        self.dropout = cfg.dropout
+
+    def memory(self, h: torch.Tensor, visible: torch.Tensor, present: torch.Tensor) -> Memory:
+        # h: (B, S, D) the encoder's output
+        k, v = self.kv_proj(h).chunk(2, dim=-1)
+        return Memory(heads(k, self.n_kv_heads), heads(v, self.n_kv_heads), visible, present)
+
+    def forward(self, x: torch.Tensor, memory: Memory) -> torch.Tensor:
+        # x: (B, T, D) -> (B, T, D)
+        b, t, _ = x.shape
+        q = heads(self.q_proj(x), self.n_heads)
+        y = masked_attention(q, memory.k, memory.v, memory.visible, self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, -1)) * memory.present
+
+
+class DecoderBlock(Block):
+    """Pre-norm residual block with cross-attention: self-attention, cross-attention, FFN."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer, ffn=cfg.ffn.causal().for_layer(layer))
+        self.cross_norm = NORM.build(cfg.norm, cfg.d_model)
+        self.cross_attn = CrossAttention(cfg)
+
+    def forward(self, x: torch.Tensor, position, cache=None, memory: Memory | None = None) -> torch.Tensor:
+        # x: (B, T, D)
+        x = x + self.dropout(self.attn(self.attn_norm(x), position, cache))
+        if memory is not None:
+            x = x + self.dropout(self.cross_attn(self.cross_norm(x), memory))
+        return x + self.dropout(self.ffn(self.ffn_norm(x), cache is not None))
+
+
+class Encoder(nn.Module):
+    """The bidirectional stack: embedded input (B, S, D) and its lengths (B,) -> h (B, S, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.position = POSITION.build(cfg.encoder_position, cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i, attention=full_attention(cfg.attention.for_layer(i)))
+                                    for i in range(cfg.encoder_layers or cfg.n_layers))
+        self.norm = NORM.build(cfg.norm, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # x: (B, S, D), lengths: (B,) -> (B, S, D); positions past a length are padding
+        x = self.drop(self.position.embed(x, 0))
+        for block in self.blocks:
+            # a prefix-LM prefix that covers the input: each real position sees every real one
+            x = block(x, self.position, None, lengths)
+        return self.norm(x)
+
+
+class EncoderDecoderState(DecodeState):
+    """The decoder's per-layer KV caches and its cross-attention memories (None: empty input)."""
+
+    def __init__(self, layers: list, memories: list[Memory] | None):
+        super().__init__(layers)
+        self.memories = memories
+
+
+class EncoderDecoder(Transformer):
+    """Decoder ids (B, T) and encoder ids (B, S) -> next-token logits (B, T, vocab_size), or with
+    `targets` (B, T) the mean cross-entropy over targets other than -100."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.encoder = Encoder(cfg)
+        self.reset_parameters()
+
+    def make_block(self, cfg: ModelConfig, layer: int) -> nn.Module:
+        return DecoderBlock(cfg, layer)
+
+    def stacks(self) -> dict[str, nn.ModuleList]:
+        return {"": self.blocks, "encoder.": self.encoder.blocks}
+
+    def forward(self, idx: torch.Tensor, state: EncoderDecoderState | None = None,
+                targets: torch.Tensor | None = None, encoder_ids: torch.Tensor | None = None,
+                encoder_lengths: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """`encoder_ids` (B, S), with `encoder_lengths` (B,) real tokens each (default S, the rest
+        padding), is the encoder's input; with a decode `state` it was given to `new_state`."""
+        # idx: (B, T) -> logits (B, T, V); with targets: (B, T) -> scalar loss
+        if prefix is not None:
+            raise ValueError("prefix is the decoder-only prefix-LM layout; an encoder-decoder reads "
+                             "the prefix with its encoder (encoder_ids)")
+        if state is not None and encoder_ids is not None:
+            raise ValueError("the decode state holds the encoded input; give encoder_ids to new_state")
+        memories = state.memories if state is not None else self.memories(encoder_ids, encoder_lengths)
+        start = self.start(idx, state)
+        x = self.drop(self.position.embed(self.embed(idx), start))
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.position, state.layers[i] if state is not None else None,
+                      memories[i] if memories is not None else None)
+        return self.head(x, idx, state, targets)
+
+    def encode(self, encoder_ids: torch.Tensor, encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's output h (B, S, D) for ids (B, S) of which the first `encoder_lengths` are real."""
+        b, s = encoder_ids.shape
+        if s > self.config.max_seq_len:
+            raise ValueError(f"encoder input of {s} tokens exceeds model.max_seq_len ({self.config.max_seq_len})")
+        if encoder_lengths is None:
+            encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
+        return self.encoder(self.embed(encoder_ids), encoder_lengths)
+
+    def memories(self, encoder_ids: torch.Tensor | None, encoder_lengths: torch.Tensor | None) -> list[Memory] | None:
+        """Each decoder layer's cross-attention keys and values of the encoded input; None when empty."""
+        if encoder_ids is None or encoder_ids.size(1) == 0:
+            return None
+        b, s = encoder_ids.shape
+        if encoder_lengths is None:
+            encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
+        h = self.encode(encoder_ids, encoder_lengths)
+        # an empty row still shows its first (padding) position, so no softmax is over nothing;
+        # `present` then zeroes that row's cross-attention
+        shown = encoder_lengths.clamp(min=1).view(b, 1, 1, 1)
+        visible = torch.arange(s, device=h.device).view(1, 1, 1, s) < shown
+        present = (encoder_lengths > 0).view(b, 1, 1).to(h.dtype)
+        return [block.cross_attn.memory(h, visible, present) for block in self.blocks]
+
+    def new_state(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  encoder_ids: torch.Tensor | None = None,
+                  encoder_lengths: torch.Tensor | None = None) -> EncoderDecoderState:
+        """Empty decoder caches for `batch` sequences of up to `max_len` tokens, and the encoded
+        `encoder_ids` (B, S) their cross-attention reads (None: an empty input)."""
+        state = super().new_state(batch, max_len, dtype)
+        return EncoderDecoderState(state.layers, self.memories(encoder_ids, encoder_lengths))
+
+
+ARCHITECTURES["encoder_decoder"] = EncoderDecoder
