@@ -1,17 +1,29 @@
-"""UL2 against plain causal-LM training at the same compute, decoder-only (issue 6; the
-encoder-decoder rows come with the encoder-decoder model).
+"""UL2 against plain causal-LM training at the same compute, decoder-only and encoder-decoder
+(issue 6).
 
-Two models, configs/default.yaml (same size, seed, batches and steps), trained with
-`train.objective.kind` causal and ul2 (the paper's mixture, prefix-LM layout). Reported:
+Four models on configs/default.yaml (same width, seed, batches of windows and steps):
 
-- held-out causal loss: next-token loss on the validation split, the same for both;
-- infilling: N spans of 1-3 tokens cut from held-out windows of 256 tokens, 64-192 tokens in.
-  The causal model continues the left context greedily; the UL2 model reads
-  [NLU] left <extra_id_0> right, then after <extra_id_0> fills the span greedily. Exact match
-  of the whole span, and the share of span tokens right.
+- causal:       decoder-only, L layers, `train.objective.kind=causal`;
+- ul2:          decoder-only, L layers, the paper's mixture in the prefix-LM layout;
+- encdec-ul2:   encoder-decoder, L encoder + L decoder layers, the same mixture;
+- encdec-span:  encoder-decoder, L + L layers, T5's span corruption (R(3, 0.15)).
 
-causal_loss_ratio = UL2 causal loss / causal model's (target <= 1.03), infill_gain = UL2 exact
-match - causal exact match (target: clearly > 0).
+An encoder-decoder with L + L layers has twice the parameters of the L-layer decoder and about its
+FLOPs per token, each token going through one of the two stacks (T5, Raffel et al. 2020, section
+3.2.2 and table 2); the table lists each model's estimate.
+
+Reported, all on held-out windows of 256 tokens:
+- causal loss: next-token loss over the window; an encoder-decoder's decoder reads an empty
+  encoder input (nothing but the [S2S] mode token when the run uses mode tokens);
+- continuation loss: the loss on the second half of each window given the first: the decoder-only
+  models read the first half as causal context, the encoder-decoders in their encoder;
+- infilling: N spans of 1-3 tokens cut from the windows, 64-192 tokens in. The causal model
+  continues the left context greedily; the denoising models read their span-corruption input
+  ([NLU] left <extra_id_0> right, as a prefix or in the encoder) and fill <extra_id_0>'s span
+  greedily. Exact match of the whole span, and the share of span tokens right.
+
+Headlines, for each UL2 model: causal loss / the causal model's (target <= 1.03) and infilling exact
+match - the causal model's (target: clearly > 0).
 
     python -m benchmarks.ul2 [--quick] [--reuse] [--out runs/ul2]
 """
@@ -25,20 +37,41 @@ import numpy as np
 import torch
 
 import stacklm
-from benchmarks.common import headline, load_average, machine, table, train_variants
+from benchmarks.common import QUICK_MODEL, headline, load_average, machine, table, train_variants
 from stacklm.data import prepare_data
 from stacklm.evaluate import evaluate
+from stacklm.inference import generate
+from stacklm.registry import OBJECTIVE
 
-OBJECTIVES = ("causal", "ul2")
 WINDOW = 256
+HALF = WINDOW // 2
 
 
-def spans(store, n: int, rng: np.random.Generator) -> list[tuple[np.ndarray, int, int]]:
-    """(window, start, length) of n spans from held-out windows."""
-    table = store.chunk_table(WINDOW)
-    picks = rng.choice(int(table[-1]), size=n, replace=int(table[-1]) < n)
-    return [(store.window(int(i), WINDOW, table)[:WINDOW].astype(np.int64), int(rng.integers(64, 192)),
-             int(rng.integers(1, 4))) for i in picks]
+def variants() -> dict[str, list[str]]:
+    return {"causal": ["train.objective.kind=causal"], "ul2": ["train.objective.kind=ul2"],
+            "encdec-ul2": ["model.arch=encoder_decoder", "train.objective.kind=ul2"],
+            "encdec-span": ["model.arch=encoder_decoder", "train.objective.kind=span_corruption"]}
+
+
+def windows(store, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n held-out windows of WINDOW + 1 tokens, (n, WINDOW + 1) int64."""
+    chunks = store.chunk_table(WINDOW)
+    picks = rng.choice(int(chunks[-1]), size=n, replace=int(chunks[-1]) < n)
+    return np.stack([store.window(int(i), WINDOW, chunks).astype(np.int64) for i in picks])
+
+
+@torch.no_grad()
+def continuation_loss(run, objective, rows: np.ndarray) -> float:
+    """Mean loss on tokens HALF+1 ... WINDOW of each row given the tokens before them."""
+    model, batch = run.model, torch.from_numpy(rows)
+    targets = batch[:, 1:].clone()
+    if run.config.model.arch == "decoder":
+        targets[:, :HALF] = -100
+        return float(model(batch[:, :-1], targets=targets))
+    head = torch.tensor(objective.encoder_input([]), dtype=torch.long).expand(len(rows), -1)
+    eos = torch.full((len(rows), 1), run.tokenizer.eos_id)
+    return float(model(torch.cat((eos, batch[:, HALF + 1 : -1]), dim=1), targets=targets[:, HALF:],
+                       encoder_ids=torch.cat((head, batch[:, : HALF + 1]), dim=1)))
 
 
 @torch.no_grad()
@@ -51,18 +84,23 @@ def greedy(model, tokens: list[int], n: int, prefix: int | None) -> list[int]:
     return out
 
 
-def infill(run, cases, objective: str) -> tuple[float, float]:
-    tok = run.tokenizer
+def infill(run, objective, cases) -> tuple[float, float]:
+    tok, kind = run.tokenizer, run.config.train.objective.kind
+    s0 = tok.sentinel_id(0)
+    modes = [tok.token_id("[NLU]")] if getattr(run.config.train.objective, "mode_tokens", False) else []
     exact, right, total = 0, 0, 0
     for window, start, length in cases:
         span = window[start : start + length].tolist()
         left, rest = window[:start].tolist(), window[start + length :].tolist()
-        if objective == "causal":
+        inputs = [*modes, *left, s0, *rest]  # the span-corruption layout the model was trained on
+        if kind == "causal":
             guess = greedy(run.model, left, length, None)
-        else:  # the span-corruption layout the model was trained on
-            s0 = tok.sentinel_id(0)
-            inputs = [tok.token_id("[NLU]"), *left, s0, *rest]
+        elif run.config.model.arch == "decoder":
             guess = greedy(run.model, inputs + [s0], length, prefix=len(inputs))
+        else:
+            out = generate(run.model, torch.tensor([[tok.eos_id, s0]]), length, temperature=0.0,
+                           encoder_ids=torch.tensor([inputs]))
+            guess = out[0, 2:].tolist()
         exact += guess == span
         right += sum(g == s for g, s in zip(guess, span, strict=True))
         total += length
@@ -71,33 +109,44 @@ def infill(run, cases, objective: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2-layer, 128-wide models, 100 steps, 100 spans")
+    parser.add_argument("--quick", action="store_true", help=f"smaller models ({' '.join(QUICK_MODEL)}), 100 spans")
     parser.add_argument("--reuse", action="store_true", help="score the runs already in --out")
     parser.add_argument("--out", default="runs/ul2")
     parser.add_argument("--spans", type=int, default=None, help="infilling cases (default 400)")
     args = parser.parse_args()
     print(f"machine: {machine()}; load average {load_average()}")
     out = Path(args.out)
-    train_variants(out, {objective: [f"train.objective.kind={objective}"] for objective in OBJECTIVES},
-                   args.quick, args.reuse)
-    cases = None
-    rows, scores = [], {}
-    for objective in OBJECTIVES:
-        run = stacklm.load_run(out / objective)
+    names = variants()
+    train_variants(out, names, args.quick, args.reuse)
+    rng = np.random.default_rng(0)
+    rows, scores, cases, held_out = [], {}, None, None
+    for name in names:
+        run = stacklm.load_run(out / name)
+        objective = OBJECTIVE.build(run.config.train.objective, run.tokenizer, run.config.model)
         data = prepare_data(run.config.data, run.config.model.vocab_size, run.tokenizer, progress=False,
                             log=lambda m: None)
-        cases = cases or spans(data.val, args.spans or (100 if args.quick else 400), np.random.default_rng(0))
-        causal = evaluate(run.model, data.val, WINDOW, 16, 40, torch.device("cpu"))["loss"]
-        exact, token_acc = infill(run, cases, objective)
-        scores[objective] = (causal, exact)
-        rows.append([objective, f"{causal:.4f}", f"{exact:.3f}", f"{token_acc:.3f}"])
+        if cases is None:
+            held_out = windows(data.val, 256, rng)
+            cases = [(w[:WINDOW], int(rng.integers(64, 192)), int(rng.integers(1, 4)))
+                     for w in windows(data.val, args.spans or (100 if args.quick else 400), rng)]
+        causal = evaluate(run.model, data.val, WINDOW, 16, 40, torch.device("cpu"),
+                          encoder_input=objective.encoder_input([]))["loss"]
+        continuation = np.mean([continuation_loss(run, objective, held_out[i : i + 32])
+                                for i in range(0, len(held_out), 32)])
+        exact, token_acc = infill(run, objective, cases)
+        scores[name] = (causal, exact)
+        flops = run.model.flops_per_token(WINDOW) / 1e6
+        rows.append([name, f"{flops:.1f}", f"{causal:.4f}", f"{continuation:.4f}", f"{exact:.3f}", f"{token_acc:.3f}"])
         print(rows[-1], flush=True)
-    print(table(rows, ["objective", "held-out causal loss", "infill exact match", "infill token accuracy"]))
+    print(table(rows, ["model", "train MFLOPs/token", "causal loss", "continuation loss", "infill exact match",
+                       "infill token accuracy"]))
     print(f"{len(cases)} spans of 1-3 tokens; load average {load_average()}")
-    headline("causal_loss_ratio", scores["ul2"][0] / scores["causal"][0], 1.03,
-             "UL2 / causal-LM held-out next-token loss, decoder-only, same steps")
-    headline("infill_gain", scores["ul2"][1] - scores["causal"][1], 0.0,
-             "UL2 - causal-LM infilling exact match (share of spans), decoder-only")
+    for name, where in (("ul2", "decoder-only"), ("encdec-ul2", "encoder-decoder")):
+        prefix = "" if name == "ul2" else "encdec_"
+        headline(f"{prefix}causal_loss_ratio", scores[name][0] / scores["causal"][0], 1.03,
+                 f"UL2 ({where}) / causal-LM held-out next-token loss, same steps")
+        headline(f"{prefix}infill_gain", scores[name][1] - scores["causal"][1], 0.0,
+                 f"UL2 ({where}) - causal-LM infilling exact match (share of spans)")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,29 @@ def test_train_with_a_denoising_objective(args, tmp_path, objective, capsys):
     assert main(["eval", str(tmp_path / "run"), "--json", "--batches", "1"]) == 0
     result = json.loads(capsys.readouterr().out)  # causal loss, and each denoiser's
     assert len(result["denoising"]) == 7 and result["denoising"]["S"] > 0 and "R(3, 0.15)" in result["denoising"]
+
+
+@pytest.mark.parametrize("objective", ["ul2", "span_corruption"])
+def test_encoder_decoder_train_generate_eval_resume(args, tmp_path, objective, capsys):
+    model = ["model.arch=encoder_decoder", "model.encoder_layers=1", f"train.objective.kind={objective}"]
+    assert main(["train", *args, "train.steps=3", *model]) == 0
+    out = capsys.readouterr().out
+    assert "validation after 3 steps: loss" in out and "sample (40 tokens" in out
+    run = str(tmp_path / "run")
+    assert main(["generate", run, "--system", "def add(a, b):", "--prompt", "    return",
+                 "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("    return")
+    assert main(["eval", run, "--json", "--batches", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] > 0 and len(result["denoising"]) == 7
+    assert main(["export", run, str(tmp_path / "hf")]) == 2
+    assert "model.arch='encoder_decoder' cannot be exported" in capsys.readouterr().err
+    assert main(["train", "--resume", run, "train.steps=4"]) == 0
+    assert "validation after 4 steps" in capsys.readouterr().out
+
+
+def test_system_prompt_needs_an_encoder(args, tmp_path, capsys):
+    assert main(["train", *args, "train.steps=1", "eval.sample_tokens=0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--system", "hello"]) == 2
+    assert "--system is read by an encoder" in capsys.readouterr().err

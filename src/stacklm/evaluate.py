@@ -41,7 +41,7 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
         inputs = objective.batch(batch) if objective else {"idx": batch[:, :-1], "targets": batch[:, 1:]}
         if encoder_input and objective is None and model.config.arch == "encoder_decoder":
-            inputs["encoder_ids"] = torch.tensor([encoder_input], device=device).expand(len(rows), -1)
+            inputs["encoder_ids"] = torch.tensor([encoder_input], dtype=torch.long, device=device).expand(len(rows), -1)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**inputs)
         n = (inputs["targets"] != -100).sum()

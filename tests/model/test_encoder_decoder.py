@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from stacklm.config import Config
+from stacklm.errors import UserError
+from stacklm.model.encoder_decoder import EncoderDecoder
+from stacklm.model.transformer import build_model
+
+
+def config(*overrides):
+    return Config.load("configs/tiny.yaml", ["model.max_seq_len=64", "model.arch=encoder_decoder",
+                                             "train.objective.kind=ul2", *overrides])
+
+
+def small(*overrides):
+    return build_model(config(*overrides)).eval()
+
+
+# the components the encoder and the decoder are built from, as in test_transformer
+CASES = [(), ("model.n_kv_heads=1",), ("model.position.kind=t5",), ("model.position.kind=alibi",),
+         ("model.position.kind=learned",), ("model.encoder_layers=1",),
+         ("model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qkv=multiplicative_conv"),
+         ("model.ffn.kind=moe", "model.ffn.dropless=true"),
+         ("model.attention.kind=local", "model.attention.window=5")]
+
+
+def inputs(b=2, s=12, t=16, lengths=(12, 7)):
+    gen = torch.Generator().manual_seed(0)
+    enc = torch.randint(0, 512, (b, s), generator=gen)
+    return enc, torch.tensor(lengths), torch.randint(0, 512, (b, t), generator=gen)
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_encoder_is_bidirectional_and_ignores_padding(overrides):
+    model = small(*overrides)
+    enc, lengths, _ = inputs()
+    h = model.encode(enc, lengths)
+    later = enc.clone()
+    later[:, 6] = (later[:, 6] + 1) % 512  # a real position of both rows
+    moved = model.encode(later, lengths)
+    assert not torch.allclose(h[:, :6], moved[:, :6])  # earlier positions see a later token
+    padding = enc.clone()
+    padding[1, 7:] = 0  # row 1's padding
+    torch.testing.assert_close(model.encode(padding, lengths)[1, :7], h[1, :7])
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_decoder_is_causal_and_reads_the_encoder(overrides):
+    model = small(*overrides)
+    enc, lengths, x = inputs()
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % 512
+    out = model(x, encoder_ids=enc, encoder_lengths=lengths)
+    torch.testing.assert_close(out[:, :10], model(y, encoder_ids=enc, encoder_lengths=lengths)[:, :10])
+    other = enc.roll(1, dims=1)
+    assert not torch.allclose(out, model(x, encoder_ids=other, encoder_lengths=lengths))
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_kv_cache_decode_equals_full_forward(overrides):
+    model = small(*overrides)
+    enc, lengths, x = inputs()
+    full = model(x, encoder_ids=enc, encoder_lengths=lengths)
+    state = model.new_state(2, 16, encoder_ids=enc, encoder_lengths=lengths)
+    steps = [model(x[:, :5], state)] + [model(x[:, t : t + 1], state) for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_an_empty_encoder_input_adds_nothing():
+    model = small()
+    enc, _, x = inputs()
+    alone = model(x)
+    torch.testing.assert_close(model(x, encoder_ids=enc, encoder_lengths=torch.tensor([0, 0])), alone)
+    torch.testing.assert_close(model(x, encoder_ids=enc[:, :0]), alone)
+    mixed = model(x, encoder_ids=enc, encoder_lengths=torch.tensor([12, 0]))
+    torch.testing.assert_close(mixed[1], alone[1])
+    assert not torch.allclose(mixed[0], alone[0])
+    mixed.sum().backward()  # the empty row's masked softmax leaves no NaN behind
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_stacks_share_the_embedding_and_count_their_layers():
+    model = small("model.encoder_layers=3")
+    assert isinstance(model, EncoderDecoder)
+    assert len(model.encoder.blocks) == 3 and len(model.blocks) == 2
+    names = [name for name, _ in model.named_parameters()]
+    assert not any("embed" in name for name in names if name.startswith("encoder."))
+    assert any("cross_attn" in name for name in names) and model.num_params() == sum(
+        p.numel() for p in model.parameters())
+    decoder_only = build_model(Config.load("configs/tiny.yaml", ["model.max_seq_len=64"]))
+    assert model.num_params() > decoder_only.num_params()
+
+
+def test_encoder_takes_bidirectional_options_and_decoder_causal_ones():
+    model = small("model.position.kind=t5", "model.attention.kind=local", "model.attention.window=5",
+                  "model.ffn.kind=moe", "model.ffn.router=expert_choice")
+    assert model.encoder.position.options.bidirectional and not model.position.options.bidirectional
+    assert type(model.encoder.blocks[0].attn).__name__ == "CausalSelfAttention"  # full attention
+    assert type(model.blocks[0].attn).__name__ == "LocalAttention"
+    assert model.encoder.blocks[0].ffn.router_kind == "expert_choice"
+    assert model.blocks[0].ffn.router_kind == "switch"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("train.objective.kind=causal",), "leaves an encoder-decoder's encoder unused"),
+    (("model.arch=decoder", "model.encoder_layers=2"), "model.arch=decoder has no encoder"),
+])
+def test_bad_configs_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message):
+        config(*overrides)
+
+
+def test_prefix_and_an_encoded_state_are_refused():
+    model = small()
+    enc, lengths, x = inputs()
+    with pytest.raises(ValueError, match="reads the prefix with its encoder"):
+        model(x, prefix=torch.tensor([3, 3]))
+    state = model.new_state(2, 16, encoder_ids=enc)
+    with pytest.raises(ValueError, match="give encoder_ids to new_state"):
+        model(x, state, encoder_ids=enc)
