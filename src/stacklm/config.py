@@ -222,13 +222,25 @@ def apply_override(raw: dict, item: str) -> None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):  # a list given in the YAML: `denoisers.2.weight` is its entry 2
+            node = node[list_index(node, part, ".".join(parts[:i]), item)]
+            continue
         child = node.setdefault(part, {})
         if isinstance(child, str):  # `ffn: moe` is short for `ffn: {kind: moe}`
             child = node[part] = {"kind": child}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise UserError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        node[list_index(node, parts[-1], ".".join(parts[:-1]), item)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def list_index(items: list, part: str, where: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise UserError(f"override {item!r}: {where} is a list of {len(items)}; give an index 0-{len(items) - 1}")
+    return int(part)
 
 
 def build_dataclass(cls: type, raw: Any, prefix: str):
@@ -254,11 +266,44 @@ def build_dataclass(cls: type, raw: Any, prefix: str):
             values[name] = build_component(registry, raw.get(name), f, key)
         elif dataclasses.is_dataclass(hints[name]):
             values[name] = build_dataclass(hints[name], raw.get(name), key + ".")
+        elif name in raw and dataclass_list(hints[name]) is not None:
+            values[name] = build_list(cls, name, dataclass_list(hints[name]), raw, key)
         elif name in raw:
             value = coerce(raw[name], hints[name], key)
             check_range(value, f.metadata, key)
             values[name] = value
     return cls(**values)
+
+
+def dataclass_list(tp: Any) -> type | None:
+    """X for a `list[X]` (or `list[X] | None`) of dataclasses X, else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [tp]
+    if len(args) == 1 and typing.get_origin(args[0]) is list:
+        inner = typing.get_args(args[0])[0]
+        return inner if dataclasses.is_dataclass(inner) else None
+    return None
+
+
+def build_list(cls: type, name: str, item_cls: type, raw: dict, key: str) -> list | None:
+    """A list of `item_cls` from a list of mappings, or from a mapping {index: changes} that
+    changes entries of the list `cls.default_<name>(raw)` starts from (`a.list.2.weight=0.5`)."""
+    value = raw[name]
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        base = [dataclasses.asdict(x) for x in getattr(cls, f"default_{name}")(raw)]
+        for index, changes in value.items():
+            if not (isinstance(index, int) or str(index).isdigit()) or int(index) >= len(base):
+                raise UserError(f"{key}.{index}: {key} has {len(base)} entries; give an index 0-{len(base) - 1}")
+            if not isinstance(changes, dict):
+                raise UserError(f"{key}.{index} must be a mapping of its fields, got {changes!r}")
+            base[int(index)].update(changes)
+        value = base
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{key} must be a non-empty list of mappings ({', '.join(f.name for f in dataclasses.fields(item_cls))}), "
+                        f"got {value!r}")
+    return [build_dataclass(item_cls, item, f"{key}.{i}.") for i, item in enumerate(value)]
 
 
 def build_component(registry: Registry, raw: Any, f: dataclasses.Field, key: str) -> ComponentConfig:

@@ -10,6 +10,7 @@ from stacklm.errors import UserError
 from stacklm.objectives.ul2 import (
     UL2_MIXTURE,
     UL2R_MIXTURE,
+    Denoiser,
     fill_sentinels,
     prefix_noise_mask,
     random_spans_noise_mask,
@@ -190,3 +191,25 @@ def test_encoder_decoder_batch(tokenizer):
         restored = np.concatenate((inputs, span_targets)) if enc[row, 0] == tokenizer.token_id("[S2S]") \
             else fill_sentinels(inputs, span_targets, tokenizer.sentinel_ids)
         np.testing.assert_array_equal(restored, batch[row, : len(restored)].numpy())
+
+
+def test_mixture_entries_are_overridable(tokenizer):
+    patched = objective(tokenizer, "ul2", "train.objective.denoisers.6.weight=0.5",
+                        "train.objective.denoisers.0.mean_span=5")
+    assert patched.mixture[6] == Denoiser("S", weight=0.5) and patched.mixture[0].mean_span == 5
+    assert patched.mixture[1:6] == UL2_MIXTURE[1:6]
+    ul2r = objective(tokenizer, "ul2", "train.objective.mixture=ul2r", "train.objective.denoisers.2.corruption=0.3")
+    assert ul2r.mixture == (*UL2R_MIXTURE[:2], Denoiser("X", 32, 0.3, 0.25))
+    own = objective(tokenizer, "ul2", "train.objective.denoisers=[{mode: S}, {mode: X, mean_span: 16, corruption: 0.5}]")
+    assert own.mixture == (Denoiser("S"), Denoiser("X", 16, 0.5))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.objective.denoisers.7.weight=1", "has 7 entries; give an index 0-6"),
+    ("train.objective.denoisers.1.mode=Q", "'Q' is not valid; valid: R, X, S"),
+    ("train.objective.denoisers.1.corruption=1.5", "corruption must be < 1.0"),
+    ("train.objective.denoisers=[]", "must be a non-empty list"),
+])
+def test_bad_mixture_entries_are_refused(override, message):
+    with pytest.raises(UserError, match=message):
+        Config.load("configs/tiny.yaml", ["train.objective.kind=ul2", override])

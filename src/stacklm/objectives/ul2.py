@@ -83,10 +83,11 @@ class Denoiser:
     """One UL2 denoiser: `mode` R, X or S (its paradigm token [NLU], [NLG] or [S2S]), and for R and
     X the mean span length and the corrupted share of the tokens."""
 
-    mode: str
-    mean_span: float = 3.0
-    corruption: float = 0.15
-    weight: float = 1.0
+    mode: str = option("R", choices=("R", "X", "S"), help="R: regular span corruption; X: extreme "
+                       "(long spans or much corruption); S: sequential (prefix LM)")
+    mean_span: float = option(3.0, ge=1.0, help="R, X: mean corrupted span length")
+    corruption: float = option(0.15, gt=0.0, lt=1.0, help="R, X: share of the tokens corrupted")
+    weight: float = option(1.0, gt=0.0, help="relative frequency in the mixture")
 
     @property
     def name(self) -> str:
@@ -139,7 +140,15 @@ class UL2Config(ComponentConfig):
     kind: str = "ul2"
     mixture: str = option("ul2", choices=("ul2", "ul2r"), help="ul2: the paper's seven denoisers; ul2r: "
                           "UL2R's 50% S, 25% R(3, 0.15), 25% X(32, 0.5), for continued training of a causal model")
+    denoisers: list[Denoiser] | None = option(None, help="the mixture itself, replacing `mixture`'s: a "
+                                              "list of {mode, mean_span, corruption, weight}; "
+                                              "denoisers.N.field=value changes entry N of `mixture`'s")
     mode_tokens: bool = option(True, help="start each example with its paradigm token [NLU], [NLG] or [S2S]")
+
+    @staticmethod
+    def default_denoisers(raw: dict) -> tuple[Denoiser, ...]:
+        """The list `denoisers.N.field=value` changes: the `mixture` preset's."""
+        return UL2R_MIXTURE if raw.get("mixture") == "ul2r" else UL2_MIXTURE
 
     def check(self, cfg) -> None:
         needs_full_attention(self.kind, cfg)
@@ -178,6 +187,8 @@ class Denoising:
             self.mixture = (Denoiser("S"),)
         elif options.kind == "span_corruption":
             self.mixture = (Denoiser("R", options.mean_noise_span_length, options.noise_density),)
+        elif options.denoisers:
+            self.mixture = tuple(options.denoisers)
         else:
             self.mixture = UL2_MIXTURE if options.mixture == "ul2" else UL2R_MIXTURE
         use_modes = getattr(options, "mode_tokens", False)
