@@ -10,13 +10,15 @@ Four models on configs/default.yaml (same width, seed, batches of windows and st
 
 An encoder-decoder with L + L layers has twice the parameters of the L-layer decoder and about its
 FLOPs per token, each token going through one of the two stacks (T5, Raffel et al. 2020, section
-3.2.2 and table 2); the table lists each model's estimate.
+3.2.2 and table 2). Its batches pad each side to the batch's longest example, so the table gives
+each model's training FLOPs per window, padding included, measured on 256 held-out windows.
 
 Reported, all on held-out windows of 256 tokens:
 - causal loss: next-token loss over the window; an encoder-decoder's decoder reads an empty
   encoder input (nothing but the [S2S] mode token when the run uses mode tokens);
-- continuation loss: the loss on the second half of each window given the first: the decoder-only
-  models read the first half as causal context, the encoder-decoders in their encoder;
+- continuation loss: the loss on the second half of each window given the first
+  (`stacklm.evaluate.Continuation`): the decoder-only models read the first half as causal
+  context, the encoder-decoders in their encoder;
 - infilling: N spans of 1-3 tokens cut from the windows, 64-192 tokens in. The causal model
   continues the left context greedily; the denoising models read their span-corruption input
   ([NLU] left <extra_id_0> right, as a prefix or in the encoder) and fill <extra_id_0>'s span
@@ -39,7 +41,7 @@ import torch
 import stacklm
 from benchmarks.common import QUICK_MODEL, headline, load_average, machine, table, train_variants
 from stacklm.data import prepare_data
-from stacklm.evaluate import evaluate
+from stacklm.evaluate import Continuation, evaluate
 from stacklm.inference import generate
 from stacklm.registry import OBJECTIVE
 
@@ -61,17 +63,17 @@ def windows(store, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 @torch.no_grad()
-def continuation_loss(run, objective, rows: np.ndarray) -> float:
-    """Mean loss on tokens HALF+1 ... WINDOW of each row given the tokens before them."""
-    model, batch = run.model, torch.from_numpy(rows)
-    targets = batch[:, 1:].clone()
+def window_flops(run, objective, rows: np.ndarray) -> float:
+    """Training FLOPs per window of WINDOW tokens, padding included, over batches of 16 `rows`."""
+    model = run.model
     if run.config.model.arch == "decoder":
-        targets[:, :HALF] = -100
-        return float(model(batch[:, :-1], targets=targets))
-    head = torch.tensor(objective.encoder_input([]), dtype=torch.long).expand(len(rows), -1)
-    eos = torch.full((len(rows), 1), run.tokenizer.eos_id)
-    return float(model(torch.cat((eos, batch[:, HALF + 1 : -1]), dim=1), targets=targets[:, HALF:],
-                       encoder_ids=torch.cat((head, batch[:, : HALF + 1]), dim=1)))
+        return model.flops_per_token(WINDOW) * WINDOW
+    encoder, decoder = model.stack_flops(WINDOW)
+    total = 0.0
+    for i in range(0, len(rows), 16):
+        batch = objective.batch(torch.from_numpy(rows[i : i + 16]))
+        total += 3 * (encoder * batch["encoder_ids"].numel() + decoder * batch["idx"].numel())
+    return total / len(rows)
 
 
 @torch.no_grad()
@@ -119,7 +121,7 @@ def main() -> None:
     names = variants()
     train_variants(out, names, args.quick, args.reuse)
     rng = np.random.default_rng(0)
-    rows, scores, cases, held_out = [], {}, None, None
+    rows, scores, flops, cases, held_out = [], {}, {}, None, None
     for name in names:
         run = stacklm.load_run(out / name)
         objective = OBJECTIVE.build(run.config.train.objective, run.tokenizer, run.config.model)
@@ -129,17 +131,18 @@ def main() -> None:
             held_out = windows(data.val, 256, rng)
             cases = [(w[:WINDOW], int(rng.integers(64, 192)), int(rng.integers(1, 4)))
                      for w in windows(data.val, args.spans or (100 if args.quick else 400), rng)]
-        causal = evaluate(run.model, data.val, WINDOW, 16, 40, torch.device("cpu"),
-                          encoder_input=objective.encoder_input([]))["loss"]
-        continuation = np.mean([continuation_loss(run, objective, held_out[i : i + 32])
-                                for i in range(0, len(held_out), 32)])
+        cpu, encoder_input = torch.device("cpu"), objective.encoder_input([])
+        causal = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, encoder_input=encoder_input)["loss"]
+        layout = Continuation(run.config.model, run.tokenizer.eos_id, encoder_input)
+        continuation = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, objective=layout)["loss"]
         exact, token_acc = infill(run, objective, cases)
         scores[name] = (causal, exact)
-        flops = run.model.flops_per_token(WINDOW) / 1e6
-        rows.append([name, f"{flops:.1f}", f"{causal:.4f}", f"{continuation:.4f}", f"{exact:.3f}", f"{token_acc:.3f}"])
+        flops[name] = window_flops(run, objective, held_out)
+        rows.append([name, f"{flops[name] / 1e9:.2f}", f"{flops[name] / flops['causal']:.2f}", f"{causal:.4f}",
+                     f"{continuation:.4f}", f"{exact:.3f}", f"{token_acc:.3f}"])
         print(rows[-1], flush=True)
-    print(table(rows, ["model", "train MFLOPs/token", "causal loss", "continuation loss", "infill exact match",
-                       "infill token accuracy"]))
+    print(table(rows, ["model", "train GFLOPs/window", "vs causal", "causal loss", "continuation loss",
+                       "infill exact match", "infill token accuracy"]))
     print(f"{len(cases)} spans of 1-3 tokens; load average {load_average()}")
     for name, where in (("ul2", "decoder-only"), ("encdec-ul2", "encoder-decoder")):
         prefix = "" if name == "ul2" else "encdec_"

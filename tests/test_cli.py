@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import stacklm
+import stacklm.inference
 from stacklm.cli import main
 
 
@@ -100,18 +102,31 @@ def test_train_with_a_denoising_objective(args, tmp_path, objective, capsys):
 
 
 @pytest.mark.parametrize("objective", ["ul2", "span_corruption"])
-def test_encoder_decoder_train_generate_eval_resume(args, tmp_path, objective, capsys):
+def test_encoder_decoder_train_generate_eval_resume(args, tmp_path, objective, capsys, monkeypatch):
     model = ["model.arch=encoder_decoder", "model.encoder_layers=1", f"train.objective.kind={objective}"]
     assert main(["train", *args, "train.steps=3", *model]) == 0
     out = capsys.readouterr().out
     assert "validation after 3 steps: loss" in out and "sample (40 tokens" in out
     run = str(tmp_path / "run")
+    seen = {}
+
+    def spy(model, prompt, *rest, encoder_ids=None, **kwargs):
+        seen.update(prompt=prompt[0].tolist(), encoder=None if encoder_ids is None else encoder_ids[0].tolist())
+        return real(model, prompt, *rest, encoder_ids=encoder_ids, **kwargs)
+
+    real = stacklm.inference.generate
+    monkeypatch.setattr(stacklm.inference, "generate", spy)
     assert main(["generate", run, "--system", "def add(a, b):", "--prompt", "    return",
                  "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("    return")
+    tok = stacklm.load_run(run).tokenizer
+    modes = [tok.token_id("[S2S]")] if objective == "ul2" else []  # the S-denoiser's input layout
+    assert seen == {"encoder": modes + tok.encode("def add(a, b):"), "prompt": [tok.eos_id, *tok.encode("    return")]}
+    assert main(["generate", run, "--system", "x = 1\n" * 200]) == 2
+    assert "the system prompt is" in capsys.readouterr().err
     assert main(["eval", run, "--json", "--batches", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["loss"] > 0 and len(result["denoising"]) == 7
+    assert result["loss"] > 0 and result["continuation"] > 0 and len(result["denoising"]) == 7
     assert main(["export", run, str(tmp_path / "hf")]) == 2
     assert "model.arch='encoder_decoder' cannot be exported" in capsys.readouterr().err
     assert main(["train", "--resume", run, "train.steps=4"]) == 0

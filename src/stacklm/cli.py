@@ -132,7 +132,7 @@ EVAL_OVERRIDABLE = ("model.position.", "model.attention.")
 def cmd_eval(args) -> None:
     from stacklm.data import prepare_data
     from stacklm.device import resolve_device
-    from stacklm.evaluate import context_sweep, denoising_losses, evaluate
+    from stacklm.evaluate import Continuation, context_sweep, denoising_losses, evaluate
     from stacklm.registry import OBJECTIVE
     from stacklm.runs import load_run
 
@@ -157,9 +157,12 @@ def cmd_eval(args) -> None:
         data = prepare_data(data_cfg, run.config.model.vocab_size, run.tokenizer, split=args.data is None,
                             progress=False, log=lambda m: print(m, file=sys.stderr))
         which = "validation split" if args.data is None else args.data
+        objective = OBJECTIVE.build(run.config.train.objective, run.tokenizer, run.config.model)
+        encoder_input = objective.encoder_input([])
         if contexts:
             sweeps[run_dir] = context_sweep(run.model, data.val, contexts, args.tokens,
-                                            run.config.eval.batch_size * data_cfg.seq_len, device)
+                                            run.config.eval.batch_size * data_cfg.seq_len, device,
+                                            encoder_input=encoder_input)
             if not args.json:
                 print_sweep(run_dir, which, sweeps[run_dir], data_cfg.seq_len)
             continue
@@ -167,9 +170,12 @@ def cmd_eval(args) -> None:
         if seq_len > run.config.model.max_seq_len:
             raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({run.config.model.max_seq_len})")
         batches = args.batches if args.batches else run.config.eval.max_batches
-        objective = OBJECTIVE.build(run.config.train.objective, run.tokenizer, run.config.model)
         result = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size, batches, device,
-                          encoder_input=objective.encoder_input([]))
+                          encoder_input=encoder_input)
+        if args.continuation or run.config.model.arch == "encoder_decoder":
+            layout = Continuation(run.config.model, run.tokenizer.eos_id, encoder_input)
+            result["continuation"] = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size,
+                                              batches, device, objective=layout)["loss"]
         if args.denoisers or run.config.train.objective.kind != "causal":
             if run.config.model.arch == "decoder" and run.config.model.attention.kind != "full":
                 raise UserError(f"--denoisers: denoising attends both ways over its inputs, which "
@@ -181,6 +187,8 @@ def cmd_eval(args) -> None:
             continue
         print(f"{run_dir}: {which}: loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  "
               f"bits-per-byte {result['bpb']:.4f}  ({result['tokens']} tokens)")
+        if "continuation" in result:
+            print(f"  continuation loss (second half of each window given the first): {result['continuation']:.4f}")
         for name, loss in result.get("denoising", {}).items():
             print(f"  denoising loss, {name}: {loss:.4f}")
     if contexts:
@@ -307,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None, help="at most this many batches")
     p.add_argument("--denoisers", action="store_true",
                    help="also the loss of each UL2 denoiser (always for runs trained with a denoising objective)")
+    p.add_argument("--continuation", action="store_true",
+                   help="also the loss on each window's second half given its first (always for "
+                        "encoder-decoder runs, whose encoder then reads the first half)")
     p.add_argument("--context", default=None, metavar="N,N,...",
                    help="perplexity at each context length (e.g. 256,512,1024,2048) on the same text; "
                         "writes context.json and context.png to --out")

@@ -174,6 +174,10 @@ class Config:
                             "set model.arch=encoder_decoder or drop model.encoder_layers")
         components = [m.attention, m.ffn, m.position, m.norm, self.train.objective]
         if m.arch == "encoder_decoder":
+            if m.position.kind == "xpos":  # its decay is causal: keys after a query would grow
+                raise UserError("model.position.kind=xpos decays attention to earlier keys only, which a "
+                                "bidirectional encoder cannot use; with model.arch=encoder_decoder use "
+                                f"one of: {', '.join(k for k in POSITION.kinds if k != 'xpos')}")
             components.append(m.encoder_position)
         for options in components:
             check = getattr(options, "check", None)

@@ -54,8 +54,33 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
             "bpb": loss / math.log(2) / store.bytes_per_token, "tokens": int(total[1].item())}
 
 
+class Continuation:
+    """An evaluation layout: the loss on each window's second half given its first. A decoder reads
+    the first half as causal context; an encoder-decoder reads it in its encoder (after
+    `encoder_input`, e.g. [S2S]) and its decoder writes the second half after <eos>, as the
+    S-denoiser trains it. The scored tokens are the same for both, so the two compare."""
+
+    def __init__(self, model_config, eos_id: int, encoder_input: list[int] | None = None):
+        self.encoder_decoder = model_config.arch == "encoder_decoder"
+        self.eos_id, self.head = eos_id, list(encoder_input or [])
+
+    def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        # batch: (B, T + 1) windows; the targets are tokens half + 1 ... T
+        half = (batch.size(1) - 1) // 2
+        targets = batch[:, 1:].clone()
+        if not self.encoder_decoder:
+            targets[:, :half] = -100
+            return {"idx": batch[:, :-1], "targets": targets}
+        b = batch.size(0)
+        head = torch.tensor(self.head, dtype=batch.dtype, device=batch.device).expand(b, -1)
+        start = torch.full((b, 1), self.eos_id, dtype=batch.dtype, device=batch.device)
+        return {"idx": torch.cat((start, batch[:, half + 1 : -1]), dim=1), "targets": targets[:, half:],
+                "encoder_ids": torch.cat((head, batch[:, : half + 1]), dim=1)}
+
+
 def context_sweep(model, store: TokenStore, contexts: list[int], tokens: int, batch_tokens: int,
-                  device: torch.device, dtype: torch.dtype = torch.float32) -> list[dict]:
+                  device: torch.device, dtype: torch.dtype = torch.float32,
+                  encoder_input: list[int] | None = None) -> list[dict]:
     """`evaluate` at each context length on the same first `tokens` tokens of `store`, cut into
     non-overlapping windows of that length (Press et al.'s non-overlapping evaluation: every
     token is scored once, with the tokens before it in its window as context).
@@ -69,7 +94,8 @@ def context_sweep(model, store: TokenStore, contexts: list[int], tokens: int, ba
             raise UserError(f"--context {context}: the evaluation text has only {store.n_tokens} tokens")
         batch = max(1, batch_tokens // context)
         windows = max(1, tokens // context)
-        result = evaluate(model, store, context, batch, None, device, dtype, max_windows=windows)
+        result = evaluate(model, store, context, batch, None, device, dtype, max_windows=windows,
+                          encoder_input=encoder_input)
         results.append({"context": context, **result})
     return results
 

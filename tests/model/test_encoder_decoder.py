@@ -3,6 +3,7 @@ import torch
 
 from stacklm.config import Config
 from stacklm.errors import UserError
+from stacklm.inference import generate
 from stacklm.model.encoder_decoder import EncoderDecoder
 from stacklm.model.transformer import build_model
 
@@ -85,10 +86,26 @@ def test_stacks_share_the_embedding_and_count_their_layers():
     assert len(model.encoder.blocks) == 3 and len(model.blocks) == 2
     names = [name for name, _ in model.named_parameters()]
     assert not any("embed" in name for name in names if name.startswith("encoder."))
-    assert any("cross_attn" in name for name in names) and model.num_params() == sum(
-        p.numel() for p in model.parameters())
+    assert sum("cross_attn.q_proj" in name for name in names) == 2  # one per decoder block
     decoder_only = build_model(Config.load("configs/tiny.yaml", ["model.max_seq_len=64"]))
-    assert model.num_params() > decoder_only.num_params()
+    encoder_blocks = sum(p.numel() for p in model.encoder.blocks.parameters())
+    cross = sum(p.numel() for b in model.blocks for p in [*b.cross_attn.parameters(), *b.cross_norm.parameters()])
+    assert model.num_params() == decoder_only.num_params() + encoder_blocks + cross + model.config.d_model
+
+
+def test_flops_count_each_stack_per_position():
+    model, cfg = small(), config().model
+    d, t = cfg.d_model, 64
+    encoder, decoder = model.stack_flops(t)
+    linear = {name: p.numel() for name, p in model.named_parameters() if p.dim() == 2}
+    kv = sum(n for name, n in linear.items() if "cross_attn.kv_proj" in name)
+    in_encoder = sum(n for name, n in linear.items() if name.startswith("encoder."))
+    in_decoder = sum(n for name, n in linear.items() if name.startswith("blocks.")) - kv + linear["embed.weight"]
+    # PaLM's count per position: 2 N + 4 T d per attention (self, and cross for the decoder)
+    assert encoder == 2 * (in_encoder + kv) + 4 * t * d * 2
+    assert decoder == 2 * in_decoder + 4 * t * d * 2 * 2
+    assert model.flops_per_token(t) == 3 * (encoder + decoder) / 2
+    assert model.flops_per_token(t, training=False, encoder_share=1.0) == encoder
 
 
 def test_encoder_takes_bidirectional_options_and_decoder_causal_ones():
@@ -101,7 +118,22 @@ def test_encoder_takes_bidirectional_options_and_decoder_causal_ones():
     assert model.blocks[0].ffn.router_kind == "switch"
 
 
+def test_greedy_generation_reads_the_encoder_and_equals_the_full_forward():
+    model = small()
+    with torch.no_grad():  # at init the encoder barely moves the argmax: make it count
+        for block in model.blocks:
+            block.cross_attn.out_proj.weight.mul_(30)
+    enc, lengths, x = inputs()
+    prompt = x[:, :4]
+    out = generate(model, prompt, 10, temperature=0, encoder_ids=enc, encoder_lengths=lengths)
+    logits = model(out[:, :-1], encoder_ids=enc, encoder_lengths=lengths)
+    assert logits[:, 3:].argmax(-1).equal(out[:, 4:])
+    other = generate(model, prompt, 10, temperature=0, encoder_ids=enc.flip(1), encoder_lengths=lengths)
+    assert not other.equal(out)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
+    (("model.position.kind=xpos",), "a bidirectional encoder cannot use"),
     (("train.objective.kind=causal",), "leaves an encoder-decoder's encoder unused"),
     (("model.arch=decoder", "model.encoder_layers=2"), "model.arch=decoder has no encoder"),
 ])
@@ -118,3 +150,5 @@ def test_prefix_and_an_encoded_state_are_refused():
     state = model.new_state(2, 16, encoder_ids=enc)
     with pytest.raises(ValueError, match="give encoder_ids to new_state"):
         model(x, state, encoder_ids=enc)
+    with pytest.raises(ValueError, match="give encoder_ids to new_state"):
+        model(x, state, encoder_lengths=lengths)

@@ -32,9 +32,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
              generator: torch.Generator | None = None,
              on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False,
-             encoder_ids: torch.Tensor | None = None) -> torch.Tensor:
+             encoder_ids: torch.Tensor | None = None, encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Continue `prompt` (B, T) by up to max_new_tokens; returns (B, T + n) ids. An
-    encoder-decoder's decoder continues `prompt` reading `encoder_ids` (B, S), encoded once.
+    encoder-decoder's decoder continues `prompt` reading `encoder_ids` (B, S), encoded once (of
+    row b, the first encoder_lengths[b] are real, the rest padding).
 
     Stops when every sequence has produced `eos_id` (later positions of a finished sequence
     repeat it) or at model.max_seq_len. `on_token` receives each new (B,) column as it is made.
@@ -45,7 +46,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     model.eval()
     b, t = prompt.shape
     max_new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - t))
-    context = {} if encoder_ids is None else {"encoder_ids": encoder_ids}
+    context = {} if encoder_ids is None else {"encoder_ids": encoder_ids, "encoder_lengths": encoder_lengths}
     state = model.new_state(b, t + max_new_tokens, **context)
     logits = model(prompt, state)[:, -1]
     step = compiled_decode_step(model) if compile else model

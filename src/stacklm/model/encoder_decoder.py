@@ -31,7 +31,7 @@ from torch import nn
 
 from stacklm.config import ModelConfig
 from stacklm.model.attention import full_attention, heads, masked_attention
-from stacklm.model.transformer import ARCHITECTURES, Block, DecodeState, Transformer
+from stacklm.model.transformer import ARCHITECTURES, Block, DecodeState, Transformer, matmul_weights
 from stacklm.registry import NORM, POSITION
 
 
@@ -68,7 +68,7 @@ class CrossAttention(nn.Module):
         b, t, _ = x.shape
         q = heads(self.q_proj(x), self.n_heads)
         y = masked_attention(q, memory.k, memory.v, memory.visible, self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, -1)) * memory.present
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, -1)).masked_fill(~memory.present, 0.0)
 
 
 class DecoderBlock(Block):
@@ -130,6 +130,25 @@ class EncoderDecoder(Transformer):
     def stacks(self) -> dict[str, nn.ModuleList]:
         return {"": self.blocks, "encoder.": self.encoder.blocks}
 
+    def stack_flops(self, seq_len: int) -> tuple[float, float]:
+        """Forward matmul FLOPs per encoder position and per decoder position (PaLM's count, as
+        `Transformer.flops_per_token`; an input of seq_len tokens for the cross-attention keys). The
+        cross-attention key/value projections run once per encoder position."""
+        cfg = self.config
+        d_attn = cfg.n_heads * cfg.head_dim
+        kv = sum(b.cross_attn.kv_proj.weight.numel() for b in self.blocks)
+        encoder = 2 * (matmul_weights(self.encoder.blocks) + kv) + 4 * seq_len * d_attn * len(self.encoder.blocks)
+        cross = 4 * seq_len * d_attn * len(self.blocks) - 2 * kv
+        return encoder, super().flops_per_token(seq_len, training=False) + cross
+
+    def flops_per_token(self, seq_len: int, training: bool = True, encoder_share: float = 0.5) -> float:
+        """FLOPs per position of either stack, `encoder_share` of them the encoder's. T5 (Raffel et
+        al. 2020, section 3.2.2) counts an L + L layer encoder-decoder as about an L-layer decoder:
+        each token goes through one stack. Padding positions cost as much as real ones."""
+        encoder, decoder = self.stack_flops(seq_len)
+        forward = encoder_share * encoder + (1 - encoder_share) * decoder
+        return 3 * forward if training else forward
+
     def forward(self, idx: torch.Tensor, state: EncoderDecoderState | None = None,
                 targets: torch.Tensor | None = None, encoder_ids: torch.Tensor | None = None,
                 encoder_lengths: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,7 +158,7 @@ class EncoderDecoder(Transformer):
         if prefix is not None:
             raise ValueError("prefix is the decoder-only prefix-LM layout; an encoder-decoder reads "
                              "the prefix with its encoder (encoder_ids)")
-        if state is not None and encoder_ids is not None:
+        if state is not None and (encoder_ids is not None or encoder_lengths is not None):
             raise ValueError("the decode state holds the encoded input; give encoder_ids to new_state")
         memories = state.memories if state is not None else self.memories(encoder_ids, encoder_lengths)
         start = self.start(idx, state)
@@ -150,7 +169,8 @@ class EncoderDecoder(Transformer):
         return self.head(x, idx, state, targets)
 
     def encode(self, encoder_ids: torch.Tensor, encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """The encoder's output h (B, S, D) for ids (B, S) of which the first `encoder_lengths` are real."""
+        """The encoder's output h (B, S, D) for ids (B, S) of which the first `encoder_lengths`
+        (default all S) are real."""
         b, s = encoder_ids.shape
         if s > self.config.max_seq_len:
             raise ValueError(f"encoder input of {s} tokens exceeds model.max_seq_len ({self.config.max_seq_len})")
@@ -163,14 +183,14 @@ class EncoderDecoder(Transformer):
         if encoder_ids is None or encoder_ids.size(1) == 0:
             return None
         b, s = encoder_ids.shape
+        h = self.encode(encoder_ids, encoder_lengths)
         if encoder_lengths is None:
             encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
-        h = self.encode(encoder_ids, encoder_lengths)
         # an empty row still shows its first (padding) position, so no softmax is over nothing;
         # `present` then zeroes that row's cross-attention
         shown = encoder_lengths.clamp(min=1).view(b, 1, 1, 1)
         visible = torch.arange(s, device=h.device).view(1, 1, 1, s) < shown
-        present = (encoder_lengths > 0).view(b, 1, 1).to(h.dtype)
+        present = (encoder_lengths > 0).view(b, 1, 1)
         return [block.cross_attn.memory(h, visible, present) for block in self.blocks]
 
     def new_state(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,

@@ -153,24 +153,18 @@ class Transformer(nn.Module):
         4 * seq_len * d_attn per layer for the attention scores and their weighted sum (seq_len:
         the keys a query scores, fewer for local and LSH attention), tripled for forward + backward."""
         cfg = self.config
-        # An MoE layer counts the weights one token passes through (its active parameters)
-        routed = [m for m in self.modules() if hasattr(m, "active_matmul_params")]
-        inside = {id(p) for m in routed for p in m.parameters()}
-        n_matmul = sum(p.numel() for name, p in self.named_parameters()
-                       if p.dim() == 2 and not name.startswith("embed.") and id(p) not in inside)
-        n_matmul += sum(m.active_matmul_params() for m in routed)
-        if cfg.tie_embeddings:
-            n_matmul += self.lm_head.weight.numel()
-        # a layer's keys per query: all seq_len for full attention, fewer for local and LSH (and
-        # seq_len encoder positions for an encoder-decoder's cross-attention)
-        blocks = [b for stack in self.stacks().values() for b in stack]
-        keys = sum(getattr(b.attn, "keys_per_query", lambda t: t)(seq_len) for b in blocks)
-        keys += seq_len * sum(hasattr(b, "cross_attn") for b in blocks)
-        forward = 2 * n_matmul + 4 * keys * cfg.n_heads * cfg.head_dim
-        # a token of an encoder-decoder's window goes through one of its two stacks, about half of
-        # them through each
-        forward /= len(self.stacks())
+        keys = sum(getattr(b.attn, "keys_per_query", lambda t: t)(seq_len) for b in self.blocks)
+        forward = 2 * (matmul_weights(self.blocks) + self.lm_head.weight.numel()) + 4 * keys * cfg.n_heads * cfg.head_dim
         return 3 * forward if training else forward
+
+
+def matmul_weights(module: nn.Module) -> float:
+    """Weights of the matmuls one token runs through in `module`: every 2-D weight, except that an
+    MoE layer counts its router and the k experts a token takes (`active_matmul_params`)."""
+    routed = [m for m in module.modules() if hasattr(m, "active_matmul_params")]
+    inside = {id(p) for m in routed for p in m.parameters()}
+    return (sum(p.numel() for p in module.parameters() if p.dim() == 2 and id(p) not in inside)
+            + sum(m.active_matmul_params() for m in routed))
 
 
 # model.arch -> model class; stacklm.model.encoder_decoder adds its own

@@ -21,19 +21,26 @@ class CausalConfig(ComponentConfig):
                             "span_corruption or ul2")
 
 
+class Objective:
+    """What every objective provides; `batch` is its own."""
+
+    def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encoder_input(self, ids: list[int]) -> list[int]:
+        """What an encoder-decoder's encoder reads for a text's `ids` (a system prompt)."""
+        return list(ids)
+
+    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        # batch: (B, T + 1) token ids
+        return model(**self.batch(batch))
+
+
 @OBJECTIVE.register("causal", CausalConfig)
-class CausalLM:
-    def __init__(self, options: CausalConfig, tokenizer=None, model_config=None):
+class CausalLM(Objective):
+    def __init__(self, options: CausalConfig, tokenizer, model_config):
         self.options = options
 
     def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, T + 1) windows -> the model's inputs: idx (B, T) and targets (B, T)."""
         return {"idx": batch[:, :-1], "targets": batch[:, 1:]}
-
-    def encoder_input(self, ids: list[int]) -> list[int]:
-        """What an encoder-decoder's encoder reads for a text's `ids` (a system prompt)."""
-        return ids
-
-    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
-        # batch: (B, T + 1) token ids
-        return model(**self.batch(batch))

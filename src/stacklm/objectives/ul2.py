@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from stacklm.errors import UserError
+from stacklm.objectives.causal import Objective
 from stacklm.registry import OBJECTIVE, ComponentConfig, option
 
 
@@ -165,7 +166,7 @@ def needs_full_attention(kind: str, cfg) -> None:
 @OBJECTIVE.register("prefix_lm", PrefixLMConfig)
 @OBJECTIVE.register("span_corruption", SpanCorruptionConfig)
 @OBJECTIVE.register("ul2", UL2Config)
-class Denoising:
+class Denoising(Objective):
     """Denoising objectives: `prefix_lm` is the S-denoiser alone, `span_corruption` T5's objective
     (one R-denoiser), `ul2` a mixture drawn per example. Each window becomes inputs and targets
     (`corrupt`), laid out for the model's architecture:
@@ -179,7 +180,7 @@ class Denoising:
     batch is corrupted the same way on every run, so resuming a run is exact without saving state.
     """
 
-    def __init__(self, options: ComponentConfig, tokenizer, model_config=None,
+    def __init__(self, options: ComponentConfig, tokenizer, model_config,
                  mixture: tuple[Denoiser, ...] | None = None):
         if mixture is not None:  # e.g. one denoiser, to score it alone
             self.mixture = mixture
@@ -195,7 +196,7 @@ class Denoising:
         self.modes = {mode: tokenizer.token_id(token) for mode, token in MODE_TOKEN.items()} if use_modes else None
         self.sentinels = tokenizer.sentinel_ids
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
-        self.encoder_decoder = model_config is not None and model_config.arch == "encoder_decoder"
+        self.encoder_decoder = model_config.arch == "encoder_decoder"
 
     def head(self, denoiser: Denoiser) -> list[int]:
         """The tokens an example's inputs start with: its paradigm token, if mode tokens are on."""
@@ -262,7 +263,10 @@ class Denoising:
         return {"idx": tokens[:, :-1].to(device), "targets": targets.to(device), "prefix": prefix.to(device)}
 
     def encoder_decoder_batch(self, examples: list[tuple[np.ndarray, np.ndarray]], device) -> dict[str, torch.Tensor]:
-        # each side padded to its longest example in the batch: no compute on a fixed width
+        """(encoder, decoder sequence) pairs -> idx (B, T) and targets (B, T), the decoder sequences
+        shifted by one, and encoder_ids (B, S) with encoder_lengths (B,)."""
+        # each side is padded to its longest example in the batch, not to the window: an R example's
+        # decoder holds a fifth of the window, an S example's encoder a random share
         encoder = pad([e[0] for e in examples], self.pad_id)
         decoder = pad([e[1] for e in examples], self.pad_id)
         lengths = torch.tensor([len(e[0]) for e in examples])
@@ -273,13 +277,8 @@ class Denoising:
                 "encoder_ids": encoder.to(device), "encoder_lengths": lengths.to(device)}
 
     def encoder_input(self, ids: list[int]) -> list[int]:
-        """What an encoder-decoder's encoder reads for a text's `ids` (a system prompt): the text,
-        as the S-denoiser's prefix ([S2S] first if mode tokens are on)."""
+        """The text as the S-denoiser's prefix: [S2S] first if mode tokens are on."""
         return self.head(Denoiser("S")) + list(ids)
-
-    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
-        # batch: (B, T + 1) token ids
-        return model(**self.batch(batch))
 
 
 def pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
