@@ -80,7 +80,7 @@ def test_topk_gates_sum_to_one():
     moe.experts.forward = lambda x, counts: x
     x = torch.randn(2, 16, D)
     torch.testing.assert_close(moe(x), x)  # sum of gates * x
-    tokens, gates, _, _, _ = moe.token_choice(torch.rand(32, E).softmax(-1), capacity=96, B=2, T=16)
+    tokens, gates, _, _, _ = moe.token_choice(torch.rand(32, E).softmax(-1), capacity=96, n=torch.arange(32), B=2, T=16)
     torch.testing.assert_close(torch.zeros(32).index_add_(0, tokens, gates), torch.ones(32))
 
 
@@ -191,6 +191,23 @@ def test_expert_choice_gives_each_expert_its_capacity():
     assert 0 <= moe.stats["dropped_fraction"].item() < 1
     out.sum().backward()
     assert moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ["switch", "topk", "expert_choice"])
+def test_padding_takes_no_capacity_and_no_expert_choice(router):
+    """With `valid`, padding is not routed: whatever it holds, and however much of it there is,
+    the real tokens' outputs are those of the real tokens routed alone."""
+    moe = MoE(MoEConfig(router=router, n_experts=E, capacity_factor=1.0), model_config()).eval()
+    moe.eval_capacity_factor = 1.0  # tight capacity, so that padding would crowd real tokens out
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    real = torch.randn(1, 12, D)
+    alone = moe(real)
+    padded = torch.cat((real, 5 * torch.randn(1, 20, D)), dim=1)  # 20 positions of padding
+    valid = torch.arange(32)[None, :] < 12
+    out = moe(padded, valid=valid)
+    torch.testing.assert_close(out[:, :12], alone)
+    assert (out[:, 12:] == 0).all()
+    assert not torch.allclose(moe(padded)[:, :12], alone)  # unmasked, padding takes capacity
 
 
 def test_moe_every_kth_layer_and_config_errors():

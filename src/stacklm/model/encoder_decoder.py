@@ -101,9 +101,10 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # x: (B, S, D), lengths: (B,) -> (B, S, D); positions past a length are padding
         x = self.drop(self.position.embed(x, 0))
+        valid = torch.arange(x.size(1), device=x.device)[None, :] < lengths[:, None]  # (B, S)
         for block in self.blocks:
             # a prefix-LM prefix that covers the input: each real position sees every real one
-            x = block(x, self.position, None, lengths)
+            x = block(x, self.position, None, lengths, valid)
         return self.norm(x)
 
 

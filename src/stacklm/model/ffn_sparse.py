@@ -94,7 +94,7 @@ class SparseFFN(nn.Module):
         logits = self.controller_up(self.controller_down(x)).float()
         return logits.view(*x.shape[:-1], self.n_blocks, self.block_size)
 
-    def forward(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decoding: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, T, D)
         logits = self.controller(x)
         if self.training:

@@ -180,37 +180,43 @@ class MoE(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return math.ceil(factor * n_tokens * self.top_k / self.n_experts)
 
-    def forward(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
-        # x: (B, T, D)
+    def forward(self, x: torch.Tensor, decoding: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`valid` (B, T) marks the real tokens (None: all); padding is not routed, so it takes no
+        capacity and no expert's choice, and its output is zero."""
+        # x: (B, T, D) -> (B, T, D)
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        logits = self.route(flat)  # (N, E)
+        n = torch.arange(B * T, device=x.device) if valid is None else valid.flatten().nonzero().squeeze(1)
+        real = flat if valid is None else flat.index_select(0, n)  # (N, D)
+        logits = self.route(real)  # (N, E)
         probs = logits.softmax(dim=-1)
-        capacity = self.capacity(B * T, decoding)
+        capacity = self.capacity(len(n), decoding)
         if self.router_kind == "expert_choice":
             tokens, gates, counts, routed, dropped = self.expert_choice(probs, capacity)
         else:
-            tokens, gates, counts, routed, dropped = self.token_choice(probs, capacity, B, T)
-        y = self.experts(flat.index_select(0, tokens), counts)  # (M, D), sorted by expert
-        out = torch.zeros(B * T, D, dtype=torch.float32, device=x.device)
+            tokens, gates, counts, routed, dropped = self.token_choice(probs, capacity, n, B, T)
+        y = self.experts(real.index_select(0, tokens), counts)  # (M, D), sorted by expert
+        out = torch.zeros(len(n), D, dtype=torch.float32, device=x.device)
         out.index_add_(0, tokens, y * gates[:, None])
         if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
+            out = out + self.shared_expert(real)
         self.record(logits, probs, routed, dropped)
+        if valid is not None:
+            out = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_copy_(0, n, out)
         return out.view(B, T, D).to(y.dtype)
 
-    def token_choice(self, probs: torch.Tensor, capacity: int, B: int, T: int):
-        """Each token picks its top-k experts. Returns the kept assignments sorted by expert: their
-        tokens (M,), gates (M,), the count per expert (E,); the count before dropping (E,), and the
+    def token_choice(self, probs: torch.Tensor, capacity: int, n: torch.Tensor, B: int, T: int):
+        """Each token picks its top-k experts; `n` (N,) numbers the routed tokens in the (B, T)
+        batch (b * T + t). Returns the kept assignments sorted by expert: their tokens (M,) as rows
+        of probs, gates (M,), the count per expert (E,); the count before dropping (E,), and the
         share of assignments dropped."""
-        N, k, E = B * T, self.top_k, self.n_experts
+        N, k, E = len(n), self.top_k, self.n_experts
         gates, experts = probs.topk(k, dim=-1)  # (N, k)
         if self.router_kind == "topk":
             gates = gates / gates.sum(dim=-1, keepdim=True)
-        # Sort key: expert, then choice slot, then position, then sequence (token n = b * T + t)
-        n = torch.arange(N, device=probs.device)
-        priority = (torch.arange(k, device=probs.device) * N)[None, :] + (n % T * B + n // T)[:, None]
-        order = (experts * (N * k) + priority).flatten().argsort()  # assignment a = n * k + slot
+        # Sort key: expert, then choice slot, then position, then sequence
+        priority = (torch.arange(k, device=probs.device) * B * T)[None, :] + (n % T * B + n // T)[:, None]
+        order = (experts * (B * T * k) + priority).flatten().argsort()  # assignment a = row * k + slot
         routed = torch.bincount(experts.flatten(), minlength=E)
         counts = routed
         if capacity < N * k and int(routed.max()) > capacity:

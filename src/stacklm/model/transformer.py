@@ -24,10 +24,11 @@ class Block(nn.Module):
         self.ffn = FFN.build(ffn or cfg.ffn.for_layer(layer), cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, position, cache=None, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, T, D)
+    def forward(self, x: torch.Tensor, position, cache=None, prefix: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T, D); valid: (B, T) real tokens against padding, or None
         x = x + self.dropout(self.attn(self.attn_norm(x), position, cache, prefix))
-        return x + self.dropout(self.ffn(self.ffn_norm(x), cache is not None))
+        return x + self.dropout(self.ffn(self.ffn_norm(x), cache is not None, valid))
 
 
 class DecodeState:
