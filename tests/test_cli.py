@@ -138,3 +138,31 @@ def test_system_prompt_needs_an_encoder(args, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "run"), "--system", "hello"]) == 2
     assert "--system is read by an encoder" in capsys.readouterr().err
+
+
+def test_sweep_trains_each_point_once_and_resumes(args, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    grid = ["sweep", *args[:3], "train.steps=2", "eval.sample_tokens=0", "model.parametrization=mup",
+            "model.base_width=32", "--widths", "32,64", "--lr", "1e-3,4e-3", "--out", str(out), "--json"]
+    assert main(grid) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert [(p["width"], p["lr"]) for p in first["points"]] == [(32, 1e-3), (32, 4e-3), (64, 1e-3), (64, 4e-3)]
+    assert set(first["best_lr"]) == {"32", "64"} and (out / "w64-lr0.004" / "config.yaml").exists()
+    assert (out / "sweep.json").exists() and (out / "sweep.png").exists()
+    assert main(grid) == 0  # everything finished: nothing retrained
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == first and "training width" not in captured.err
+    assert main(["sweep", *args[:3], "--widths", "32,x", "--lr", "1e-3"]) == 2
+    assert "--widths '32,x': expected positive ints" in capsys.readouterr().err
+
+
+def test_mup_coord_check_writes_table_and_plot(args, tmp_path, capsys):
+    out = tmp_path / "cc"
+    assert main(["mup", "coord-check", *args[:3], "model.base_width=32", "--widths", "32,64",
+                 "--steps", "2", "--batches", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "standard: mean |x| at step 2" in printed and "mup: mean |x| at step 2" in printed
+    assert "block1.ffn" in printed and "slope" in printed
+    rows = json.loads((out / "coord_check.json").read_text())
+    assert {r["width"] for r in rows["mup"]} == {32, 64} and {r["step"] for r in rows["mup"]} == {1, 2}
+    assert (out / "coord_check.png").read_bytes()[:4] == b"\x89PNG"

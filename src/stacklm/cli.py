@@ -1,4 +1,4 @@
-"""The `stacklm` command line: train, generate, eval, export, import-hf, config."""
+"""The `stacklm` command line: train, generate, eval, export, import-hf, config, scaling, mup, sweep."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ EPILOG = """examples:
   stacklm eval runs/alibi runs/rope --context 256,512,1024,2048   perplexity vs length, PNG plot
   stacklm export runs/default --format hf out/llama
   stacklm import-hf out/llama --out runs/imported
+  stacklm scaling fit runs/sweep/* --json > fit.json     Chinchilla's L(N, D) with bootstrap intervals
+  stacklm scaling plan --flops 1e21 --fit fit.json       compute-optimal N and D for a FLOP budget
+  stacklm sweep configs/default.yaml model.parametrization=mup --widths 64,128 --lr 1e-3,2e-3
+  stacklm mup coord-check configs/tiny.yaml model.base_width=32 --widths 32,64,128
 """
 
 
@@ -270,6 +274,126 @@ def cmd_config(args) -> None:
     print(yaml.safe_dump(Config.load(path, overrides).to_dict(), sort_keys=False), end="")
 
 
+def cmd_scaling_fit(args) -> None:
+    import dataclasses
+
+    from stacklm.scaling import bootstrap, fit_scaling_law, fit_table, intervals, load_points, read_csv
+
+    if bool(args.runs) == bool(args.csv):
+        raise UserError("give run directories or --csv FILE, not both" if args.runs else
+                        "name the run directories to fit, or give --csv FILE")
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap {args.bootstrap}: give a number of resamples, 0 for none")
+    N, D, loss = read_csv(args.csv) if args.csv else load_points(args.runs)
+    fit = fit_scaling_law(N, D, loss)
+    if args.bootstrap:
+        fit = dataclasses.replace(fit, ci=intervals(bootstrap(N, D, loss, fit, args.bootstrap, args.seed)))
+    if args.json:
+        print(json.dumps({**fit.to_dict(), "bootstrap": args.bootstrap}))
+    else:
+        print(fit_table(fit, args.bootstrap))
+
+
+def cmd_scaling_plan(args) -> None:
+    import dataclasses
+
+    from stacklm.scaling import PUBLISHED, compute_optimal, read_fit
+
+    if not args.flops > 0:
+        raise UserError(f"--flops {args.flops}: give the training compute in FLOPs, e.g. 1e21")
+    fit = PUBLISHED[args.published] if args.published else read_fit(args.fit)
+    plan = compute_optimal(args.flops, fit)
+    constants = args.published or args.fit
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(plan), "tokens_per_param": plan.tokens_per_param,
+                          "constants": constants}))
+        return
+    print(f"compute-optimal for {plan.flops:.3g} FLOPs under C = 6 N D (constants: {constants}):")
+    print(f"  parameters N        {plan.N:.3g}")
+    print(f"  training tokens D   {plan.D:.3g}")
+    print(f"  tokens / parameter  {plan.tokens_per_param:.1f}")
+    print(f"  predicted loss      {plan.loss:.4f}")
+
+
+def parse_numbers(text: str, kind: type, flag: str) -> list:
+    """`64,128,256` -> [64, 128, 256]; a clear error otherwise."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"{flag} {text!r}: expected positive {kind.__name__}s separated by commas")
+    return values
+
+
+def cmd_mup(args) -> None:
+    from pathlib import Path
+
+    from stacklm.config import Config
+    from stacklm.coord_check import coord_check, width_slopes
+    from stacklm.data import PackedLoader, prepare_data
+    from stacklm.plots import line_plots
+
+    path, overrides = split_overrides(args.items)
+    widths = sorted(parse_numbers(args.widths, int, "--widths"))
+    base = Config.load(path, overrides)
+    data = prepare_data(base.data, base.model.vocab_size, progress=False, log=lambda m: print(m, file=sys.stderr))
+    loader = PackedLoader(data.train, base.data.seq_len, base.train.batch_size, base.train.seed)
+    batches = [next(loader) for _ in range(args.batches)]
+    parametrizations = ("standard", "mup") if args.parametrization == "both" else (args.parametrization,)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, panels = {}, []
+    for parametrization in parametrizations:
+        config = Config.load(path, [*overrides, f"model.parametrization={parametrization}"])
+        rows = coord_check(config, widths, args.steps, batches)
+        results[parametrization] = rows
+        slopes = width_slopes(rows, args.steps)
+        print(f"{parametrization}: mean |x| at step {args.steps}, and its slope against width (log-log)")
+        last = [r for r in rows if r["step"] == args.steps]
+        table = [[layer, *(f"{r['scale']:.3g}" for r in last if r["layer"] == layer), f"{slope:+.2f}"]
+                 for layer, slope in slopes.items()]
+        print(format_table(table, ["layer", *(f"width {w}" for w in widths), "slope"]))
+        for step in (1, args.steps):
+            panels.append((f"{parametrization}, step {step}", {
+                layer: (widths, [r["scale"] for r in rows if r["layer"] == layer and r["step"] == step])
+                for layer in slopes}))
+    (out / "coord_check.json").write_text(json.dumps(results))
+    plotted = line_plots(out / "coord_check.png", panels, "d_model", "mean |x|", logx=True, logy=True, columns=2)
+    print(f"wrote {out / 'coord_check.json'}" + (f" and {out / 'coord_check.png'}" if plotted else ""))
+
+
+def cmd_sweep(args) -> None:
+    from pathlib import Path
+
+    from stacklm.plots import line_plot
+    from stacklm.sweep import best_lr, run_sweep
+
+    path, overrides = split_overrides(args.items)
+    widths = parse_numbers(args.widths, int, "--widths")
+    lrs = parse_numbers(args.lr, float, "--lr")
+    out = Path(args.out)
+    rows = run_sweep(path, overrides, widths, lrs, out, log=lambda m: print(m, file=sys.stderr))
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    series = {f"width {w}": ([r["lr"] for r in rows if r["width"] == w], [r["loss"] for r in rows if r["width"] == w])
+              for w in widths}
+    plotted = line_plot(out / "sweep.png", series, "learning rate", "validation loss", "learning-rate sweep", logx=True)
+    if args.json:
+        print(json.dumps({"points": rows, "best_lr": best_lr(rows)}))
+        return
+    table = [[w, *(f"{r['loss']:.4f}" for r in rows if r["width"] == w), f"{best_lr(rows)[w]:g}"] for w in widths]
+    print(format_table(table, ["width", *(f"lr {lr:g}" for lr in lrs), "best lr"]))
+    print(f"wrote {out / 'sweep.json'}" + (f" and {out / 'sweep.png'}" if plotted else ""))
+
+
+def format_table(rows: list[list], header: list[str]) -> str:
+    """Columns padded to their widest cell, a rule under the header."""
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stacklm", description="Train, evaluate, sample and export stacklm language models.",
@@ -342,6 +466,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print a resolved config with its overrides applied")
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("scaling", help="fit a Chinchilla scaling law to runs; plan compute-optimal N and D",
+                       description="Chinchilla's L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022, "
+                                   "approach 3); see docs/scaling.md.")
+    scaling = p.add_subparsers(dest="scaling_command", required=True, metavar="SUBCOMMAND")
+    q = scaling.add_parser("fit", help="fit the law to runs or to a CSV table",
+                           description="Fit L(N, D) to runs (N: parameters in matmuls; D: tokens trained; L: "
+                                       "the last validation loss) or to a CSV table with columns N, D, loss: Huber "
+                                       "loss on log L, L-BFGS from Hoffmann et al.'s grid of 4,500 starts.")
+    q.add_argument("runs", nargs="*", metavar="RUN_DIR")
+    q.add_argument("--csv", default=None, metavar="FILE", help="a table with columns N, D, loss, not runs")
+    q.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                   help="resamples of the points for the 95%% percentile intervals (0: no intervals)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's resamples")
+    q.add_argument("--json", action="store_true", help="print the fit as one JSON line (for plan --fit)")
+    q.set_defaults(func=cmd_scaling_fit)
+    q = scaling.add_parser("plan", help="the compute-optimal N and D for a FLOP budget",
+                           description="Minimise L(N, D) under C = 6 N D, in closed form.")
+    q.add_argument("--flops", type=float, required=True, metavar="C", help="training compute, e.g. 1e21")
+    constants = q.add_mutually_exclusive_group(required=True)
+    constants.add_argument("--fit", default=None, metavar="FILE.json", help="what `scaling fit --json` printed")
+    constants.add_argument("--published", default=None, choices=("chinchilla", "besiroglu"),
+                           help="Hoffmann et al. 2022's constants or Besiroglu et al. 2024's refit")
+    q.add_argument("--json", action="store_true", help="print one JSON line")
+    q.set_defaults(func=cmd_scaling_plan)
+
+    p = sub.add_parser("mup", help="muP tools: the coordinate check", description="See docs/mup.md.")
+    mup = p.add_subparsers(dest="mup_command", required=True, metavar="SUBCOMMAND")
+    q = mup.add_parser("coord-check", help="activation scales of every layer against width",
+                       description="Train CONFIG's model at each width for a few steps (AdamW at the constant "
+                                   "train.lr, on the config's data) and report the mean |x| of every layer's "
+                                   "output and its slope against width: near 0 under muP, growing under the "
+                                   "standard parametrization (Tensor Programs V, section 8).")
+    q.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    q.add_argument("--widths", default="64,128,256,512", help="d_model values (default 64,128,256,512)")
+    q.add_argument("--steps", type=int, default=5, help="training steps per width (default 5)")
+    q.add_argument("--batches", type=int, default=4, help="distinct training batches, reused in turn")
+    q.add_argument("--parametrization", choices=("both", "standard", "mup"), default="both")
+    q.add_argument("--out", default="runs/coord_check", help="where coord_check.json and .png go")
+    q.set_defaults(func=cmd_mup)
+
+    p = sub.add_parser("sweep", help="train a grid of widths x learning rates (resumable)",
+                       description="Train CONFIG at every width (model.d_model) and learning rate (train.lr), "
+                                   "one run directory per point in --out; a second call skips finished points "
+                                   "and resumes an interrupted one. Prints the final validation losses and the "
+                                   "best learning rate per width; writes sweep.json and sweep.png.")
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    p.add_argument("--widths", required=True, help="d_model values, e.g. 64,128,256")
+    p.add_argument("--lr", required=True, help="learning rates, e.g. 1e-3,2e-3,4e-3")
+    p.add_argument("--out", default="runs/sweep", help="the sweep's directory (default runs/sweep)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

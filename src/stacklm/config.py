@@ -42,6 +42,13 @@ class ModelConfig:
     tie_embeddings: bool = option(True, help="share the input embedding and the output projection")
     dropout: float = option(0.0, ge=0.0, lt=1.0, help="dropout on attention and residual branches")
     init_std: float = option(0.02, gt=0.0, help="std of the normal init of weight matrices")
+    parametrization: str = option("standard", choices=("standard", "mup"), help="mup: the maximal update "
+                                  "parametrization (Yang et al. 2022): init, learning rates and multipliers "
+                                  "scaled by width, so that hyperparameters tuned at base_width transfer")
+    base_width: int = option(256, ge=1, help="mup: the d_model at which mup is the standard parametrization "
+                             "(where the hyperparameters were tuned)")
+    output_mult: float = option(1.0, gt=0.0, help="mup: multiplier of the logits at base_width "
+                                "(they are multiplied by output_mult * base_width / d_model)")
     norm: ComponentConfig = option(factory=RMSNormConfig, registry=NORM)
     attention: ComponentConfig = option(factory=AttentionConfig, registry=ATTENTION)
     ffn: ComponentConfig = option(factory=SwiGLUConfig, registry=FFN)

@@ -35,8 +35,9 @@ SPARSE = ("model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qk
 
 
 @pytest.mark.parametrize("model", [(), SPARSE, ("train.objective.kind=ul2",),
-                                   ("train.objective.kind=ul2", "model.arch=encoder_decoder")],
-                         ids=["dense", "sparse", "ul2", "ul2-encoder-decoder"])
+                                   ("train.objective.kind=ul2", "model.arch=encoder_decoder"),
+                                   ("model.parametrization=mup", "model.base_width=32")],
+                         ids=["dense", "sparse", "ul2", "ul2-encoder-decoder", "mup"])
 def test_resume_is_bitwise_exact(tiny, tmp_path, model):
     """N steps straight == N/2 steps, a crash, resume, N/2 more: the same losses, bit for bit
     (the sparse FFN draws random numbers every step: the RNG state is part of the checkpoint;

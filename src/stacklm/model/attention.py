@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stacklm.errors import UserError
+from stacklm.model.mup import attention_mult
 from stacklm.registry import ATTENTION, QKV, ComponentConfig, option
 
 
@@ -117,6 +118,12 @@ class DenseQKV(nn.Module):
     def new_state(self, batch: int, dtype: torch.dtype, device) -> None:
         return None
 
+    def zero_query(self) -> None:
+        """muP's zero-initialised query (not with shared QK, where the query is also the key)."""
+        if not self.shared_qk:
+            with torch.no_grad():
+                self.qkv_proj.weight[: self.split[0]].zero_()
+
     def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (B, T, D) -> q (B, T, H * hd), k and v (B, T, Hkv * hd); k = q when shared
         if self.shared_qk:
@@ -138,6 +145,7 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.proj = QKV.module_class(options.qkv, "model.attention.qkv")(options, cfg)
         self.dropout = cfg.dropout
+        self.q_mult = attention_mult(cfg)  # muP's 1/head_dim attention; 1 otherwise
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device,
@@ -151,6 +159,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)
         q, k, v = heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads)
         q, k = position.rotate(q, k, start)
+        q = q * self.q_mult if self.q_mult != 1 else q
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, start + T, hd)
         positions = torch.arange(k.size(2), device=x.device).view(1, 1, -1)

@@ -22,6 +22,7 @@ from stacklm.model.attention import (
     masked_attention,
     position_bias,
 )
+from stacklm.model.mup import attention_mult
 from stacklm.registry import ATTENTION, QKV, option
 
 
@@ -77,6 +78,7 @@ class LocalAttention(nn.Module):
         self.window = options.window
         self.proj = QKV.module_class(options.qkv, "model.attention.qkv")(options, cfg)
         self.dropout = cfg.dropout
+        self.q_mult = attention_mult(cfg)  # muP's 1/head_dim attention; 1 otherwise
 
     def keys_per_query(self, seq_len: int) -> int:
         """Keys a query scores, counting FLOPs as for full attention (PaLM's seq_len)."""
@@ -96,6 +98,7 @@ class LocalAttention(nn.Module):
         q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)
         q, k, v = heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads)
         q, k = position.rotate(q, k, start)
+        q = q * self.q_mult if self.q_mult != 1 else q
         dropout = self.dropout if self.training else 0.0
         if cache is not None and t == 1:  # decoding: the query sees the whole ring, itself included
             cache.write(k, v)

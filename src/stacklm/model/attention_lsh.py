@@ -38,6 +38,7 @@ from torch import nn
 
 from stacklm.errors import UserError
 from stacklm.model.attention import DenseQKV, EfficientAttentionConfig, heads, masked_attention, position_bias
+from stacklm.model.mup import attention_mult
 from stacklm.registry import ATTENTION, option
 
 # Finite, so a query with no other allowed key still attends to itself; far below any q.k / sqrt(hd)
@@ -111,6 +112,7 @@ class LSHAttention(nn.Module):
         self.chunk_size, self.exact_below = options.chunk_size, options.exact_below
         self.proj = DenseQKV(options, cfg, shared_qk=True)
         self.dropout = cfg.dropout
+        self.q_mult = attention_mult(cfg)  # muP's 1/head_dim attention; 1 otherwise
         # Fixed, not redrawn per batch as in Reformer, so decoding hashes a token as training did.
         generator = torch.Generator().manual_seed(options.seed)
         rotations = torch.randn(options.n_hashes, cfg.head_dim, options.n_buckets // 2, generator=generator)
@@ -137,6 +139,7 @@ class LSHAttention(nn.Module):
         q, v = heads(q, self.n_heads), heads(v, self.n_kv_heads)  # (B, H, T, hd), (B, Hkv, T, hd)
         q, k = position.rotate(q, q, start)
         k = F.normalize(k, dim=-1)
+        q = q * self.q_mult if self.q_mult != 1 else q
         # hashes are needed once some query, now or later, is at a position >= exact_below
         hashed = cache.buckets is not None if cache is not None else t > self.exact_below
         buckets = self.hash(k) if hashed else None  # (B, H, R, T)

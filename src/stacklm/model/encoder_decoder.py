@@ -31,6 +31,7 @@ from torch import nn
 
 from stacklm.config import ModelConfig
 from stacklm.model.attention import full_attention, heads, masked_attention
+from stacklm.model.mup import attention_mult
 from stacklm.model.transformer import ARCHITECTURES, Block, DecodeState, Transformer, matmul_weights
 from stacklm.registry import NORM, POSITION
 
@@ -57,6 +58,12 @@ class CrossAttention(nn.Module):
         self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=bias)
         self.out_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
         self.dropout = cfg.dropout
+        self.q_mult = attention_mult(cfg)  # muP's 1/head_dim attention; 1 otherwise
+
+    def zero_query(self) -> None:
+        """muP's zero-initialised query."""
+        with torch.no_grad():
+            self.q_proj.weight.zero_()
 
     def memory(self, h: torch.Tensor, visible: torch.Tensor, present: torch.Tensor) -> Memory:
         # h: (B, S, D) the encoder's output
@@ -67,6 +74,7 @@ class CrossAttention(nn.Module):
         # x: (B, T, D) -> (B, T, D)
         b, t, _ = x.shape
         q = heads(self.q_proj(x), self.n_heads)
+        q = q * self.q_mult if self.q_mult != 1 else q
         y = masked_attention(q, memory.k, memory.v, memory.visible, self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, -1)).masked_fill(~memory.present, 0.0)
 

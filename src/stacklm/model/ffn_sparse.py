@@ -77,6 +77,7 @@ class SparseFFN(nn.Module):
         rank = options.lowrank(cfg)
         self.controller_down = nn.Linear(cfg.d_model, rank, bias=False)  # C1
         self.controller_up = nn.Linear(rank, self.d_ff)  # C2 and its bias
+        self.fan_in_dims = {"in_proj": (1,), "out_proj": (0,)}  # for muP: h = x W1^T, y = h W2
         self.in_proj = nn.Parameter(torch.empty(self.d_ff, cfg.d_model))  # W1, a row per unit
         self.out_proj = nn.Parameter(torch.empty(self.d_ff, cfg.d_model))  # W2, a row per unit
         self.in_bias = nn.Parameter(torch.zeros(self.d_ff)) if options.bias else None

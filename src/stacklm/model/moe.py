@@ -91,6 +91,8 @@ class GroupedSwiGLU(nn.Module):
     """E SwiGLU experts with stacked weights (the layout of HF Mixtral's experts), applied to tokens
     already sorted by expert: x (M, D) with counts[e] rows for expert e, in expert order."""
 
+    fan_in_dims = {"gate_up_proj": (2,), "out_proj": (2,)}  # (E, out, in), for muP
+
     def __init__(self, n_experts: int, d_model: int, d_ff: int, dispatch: str = "grouped"):
         super().__init__()
         self.n_experts, self.dispatch = n_experts, dispatch

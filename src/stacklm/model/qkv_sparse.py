@@ -28,6 +28,7 @@ class MultiplicativeDense(nn.Module):
     """The multiplicative layer: (..., d_in) -> (..., S * M), module s in units s*M ... s*M + M - 1."""
 
     no_weight_decay = ("multiplier",)  # D scales the input per module, like a norm's gain
+    fan_in_dims = {"multiplier": (), "weight": (1,)}  # for muP: D is a gain
 
     def __init__(self, d_in: int, d_out: int, sparsity: int, bias: bool, residual: bool = False):
         super().__init__()
@@ -99,6 +100,7 @@ class MultiplicativeConvQKV(nn.Module):
         self.shared = MultiplicativeDense(d, d, s, options.bias)
         # Convolution kernels over (position, module) with the M units of a module as channels,
         # laid out as Conv2d's (out channels, in channels, positions, modules); q and k in one.
+        self.fan_in_dims = {"qk_conv": (1, 2, 3), "v_conv": (1, 2, 3)}  # for muP
         self.qk_conv = nn.Parameter(torch.empty(2 * m, m, lk, 3))
         self.qk_conv_bias = nn.Parameter(torch.zeros(2 * m))
         self.v_conv = nn.Parameter(torch.empty(m, m, lk, 1))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from stacklm.config import Config, ModelConfig
+from stacklm.model import mup
 from stacklm.model.loss import linear_cross_entropy
 from stacklm.registry import ATTENTION, FFN, NORM, POSITION, ComponentConfig
 
@@ -69,7 +70,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """Weight matrices ~ N(0, init_std), residual output projections (`out_proj`) scaled down
         by sqrt(2 n_layers) as in GPT-2, biases zero; a component with other needs (a
-        multiplicative layer's scales) defines `init_weights(std, residual_std)`, called after."""
+        multiplicative layer's scales) defines `init_weights(std, residual_std)`, called after.
+        Under muP each weight is then rescaled by its role (`stacklm.model.mup`)."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
@@ -81,6 +83,8 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
             if hasattr(m, "init_weights"):
                 m.init_weights(std, residual_std)
+        if self.config.parametrization == "mup":
+            mup.apply_init(self, mup.roles(self.config))
 
     def forward(self, idx: torch.Tensor, state: DecodeState | None = None,
                 targets: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,6 +111,8 @@ class Transformer(nn.Module):
         if state is not None:
             state.advance(idx.size(1))
         x = self.norm(x)
+        if self.config.parametrization == "mup":  # muP's readout multiplier, on x: the logits' factor
+            x = x * (self.config.output_mult / mup.width_mult(self.config))
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets)
         return self.lm_head(x)

@@ -1,4 +1,5 @@
-"""AdamW with decay only on weight matrices, and a linear-warmup cosine schedule."""
+"""AdamW with decay only on weight matrices, muP's per-parameter learning rates, and a
+linear-warmup cosine schedule."""
 
 from __future__ import annotations
 
@@ -7,25 +8,39 @@ import math
 import torch
 from torch import nn
 
+from stacklm.model import mup
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; leave norms, biases, embeddings (tied or not) and the parameters a module
-    lists in its `no_weight_decay` attribute (scales such as a multiplicative layer's) undecayed."""
+    lists in its `no_weight_decay` attribute (scales such as a multiplicative layer's) undecayed.
+    Each group's `lr_mult` scales the schedule's learning rate: 1, or under muP each parameter's
+    (`stacklm.model.mup.Role.lr_mult`)."""
     keep = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     keep |= {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "no_weight_decay", ())}
-    decay, no_decay = [], []
-    for p in model.parameters():
+    config = getattr(model, "config", None)
+    roles = mup.roles(config) if config is not None and config.parametrization == "mup" else {}
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in keep else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        decay = p.dim() >= 2 and id(p) not in keep
+        lr_mult = roles[name].lr_mult if roles else 1.0
+        groups.setdefault((decay, lr_mult), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": lr_mult}
+            for (decay, lr_mult), params in groups.items() if params or lr_mult == 1.0]
 
 
 def build_optimizer(model: nn.Module, tcfg, device: torch.device) -> torch.optim.AdamW:
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
                              betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps, fused=fused)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's learning rate, times each group's `lr_mult` (muP)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def lr_at(step: int, tcfg) -> float:

@@ -23,7 +23,7 @@ from stacklm.registry import OBJECTIVE
 from stacklm.training.checkpoint import Checkpointer, load_state, load_weights
 from stacklm.training.distributed import Dist, init_distributed, shutdown, wrap_data_parallel
 from stacklm.training.metrics import MetricsLogger
-from stacklm.training.optim import build_optimizer, lr_at
+from stacklm.training.optim import build_optimizer, lr_at, set_lr
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.yaml"
@@ -166,8 +166,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     while step < tcfg.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, tcfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
         for micro in range(tcfg.grad_accum):
             batch = next(loader).to(device, non_blocking=True)
