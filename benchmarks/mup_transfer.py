@@ -26,11 +26,11 @@ from benchmarks.common import headline, load_average, machine, table
 from stacklm.plots import line_plots
 from stacklm.sweep import best_lr, run_sweep
 
-FULL = {"widths": [64, 128, 256, 512], "lrs": [2.0**-e for e in range(12, 5, -1)],
+FULL = {"widths": [64, 128, 256, 512], "lrs": [2.0**-e for e in range(10, 1, -1)],
         "overrides": ["model.n_layers=2", "data.seq_len=128", "train.steps=200", "train.warmup_steps=20",
                       "train.batch_size=16"]}
-QUICK = {"widths": [32, 64, 128], "lrs": [2.0**-e for e in range(10, 6, -1)],
-         "overrides": ["model.n_layers=2", "data.seq_len=64", "train.steps=40", "train.warmup_steps=5",
+QUICK = {"widths": [32, 64, 128], "lrs": [2.0**-e for e in range(9, 4, -1)],
+         "overrides": ["model.n_layers=2", "data.seq_len=64", "train.steps=60", "train.warmup_steps=6",
                        "train.batch_size=8", "train.eval_batches=4"]}
 COMMON = ["train.progress=false", "eval.sample_tokens=0", "train.eval_every=0", "train.ckpt_every=0",
           "model.n_heads=4"]
@@ -44,7 +44,7 @@ def lr_shift(rows: list[dict], widths: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 widths (4x range), 4 learning rates, 40 steps")
+    parser.add_argument("--quick", action="store_true", help="3 widths (4x range), 5 learning rates, 60 steps")
     parser.add_argument("--out", default="runs/mup_transfer")
     args = parser.parse_args()
     grid = QUICK if args.quick else FULL

@@ -336,6 +336,8 @@ def cmd_mup(args) -> None:
 
     path, overrides = split_overrides(args.items)
     widths = sorted(parse_numbers(args.widths, int, "--widths"))
+    if args.steps < 1 or args.batches < 1:
+        raise UserError(f"--steps ({args.steps}) and --batches ({args.batches}) must be at least 1")
     base = Config.load(path, overrides)
     data = prepare_data(base.data, base.model.vocab_size, progress=False, log=lambda m: print(m, file=sys.stderr))
     loader = PackedLoader(data.train, base.data.seq_len, base.train.batch_size, base.train.seed)

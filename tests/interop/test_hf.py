@@ -204,6 +204,7 @@ def test_linear_rope_scaling_exports_and_imports(make_run, tmp_path):
     ({"position": {"kind": "alibi"}}, "position.kind='alibi' cannot be exported"),
     ({"attention": {"kind": "local", "full_every": 2}}, "full_every=2 cannot be exported"),
     ({"attention": {"kind": "lsh"}}, "attention.kind='lsh' cannot be exported"),
+    ({"parametrization": "mup", "base_width": 32}, "parametrization='mup' cannot be exported"),
 ])
 def test_export_refuses_what_hf_cannot_express(make_run, tmp_path, model, message):
     with pytest.raises(UserError, match=message):

@@ -36,8 +36,8 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 # What a Llama or Mixtral model is, in stacklm's config keys; anything else cannot be exported.
 # Both may also have `local` attention (a sliding window: Mistral, or Mixtral's sliding_window).
-LLAMA_MODEL = {"arch": "decoder", "attention.kind": "full", "attention.qkv": "dense", "attention.bias": False,
-               "ffn.kind": "swiglu", "ffn.bias": False,
+LLAMA_MODEL = {"arch": "decoder", "parametrization": "standard", "attention.kind": "full", "attention.qkv": "dense",
+               "attention.bias": False, "ffn.kind": "swiglu", "ffn.bias": False,
                "norm.kind": "rmsnorm", "position.kind": "rope"}
 MIXTRAL_MODEL = {**{k: v for k, v in LLAMA_MODEL.items() if k != "ffn.bias"}, "ffn.kind": "moe",
                  "ffn.router": "topk", "ffn.every": 1, "ffn.shared_expert": False, "ffn.expert.kind": "swiglu"}
