@@ -26,7 +26,7 @@ from benchmarks.common import headline, load_average, machine, table
 from stacklm.plots import line_plots
 from stacklm.sweep import best_lr, run_sweep
 
-FULL = {"widths": [64, 128, 256, 512], "lrs": [2.0**-e for e in range(10, 1, -1)],
+FULL = {"widths": [64, 128, 256, 512], "lrs": [2.0**-e for e in range(11, 1, -1)],
         "overrides": ["model.n_layers=2", "data.seq_len=128", "train.steps=200", "train.warmup_steps=20",
                       "train.batch_size=16"]}
 QUICK = {"widths": [32, 64, 128], "lrs": [2.0**-e for e in range(9, 4, -1)],

@@ -54,6 +54,7 @@ def run_sweep(config_path: str | None, overrides: list[str], widths: list[int], 
                 try:
                     loss = train(config, resume=resume, overwrite=not resume, log=lambda m: None).val["loss"]
                 except TrainingError as e:
+                    run.mkdir(parents=True, exist_ok=True)
                     (run / DIVERGED).write_text(f"{e}\n")
                     loss = math.inf
             rows.append({"width": width, "lr": lr, "loss": loss, "run": str(run)})
