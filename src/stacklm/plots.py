@@ -32,7 +32,8 @@ def line_plots(path: str | Path, panels: list[tuple[str, Series]], xlabel: str, 
         if logx:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
-            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+            ax.tick_params(axis="x", labelrotation=45)
         if logy:
             ax.set_yscale("log")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
