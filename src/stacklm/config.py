@@ -176,6 +176,9 @@ class Config:
         if self.data.seq_len > m.max_seq_len:
             raise UserError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                             f"({m.max_seq_len}); raise model.max_seq_len or lower data.seq_len")
+        if m.parametrization == "mup" and m.base_width % m.n_heads:
+            raise UserError(f"model.base_width ({m.base_width}) must be a multiple of model.n_heads ({m.n_heads}), "
+                            f"as d_model is")
         if m.arch == "decoder" and m.encoder_layers is not None:
             raise UserError("model.encoder_layers is set but model.arch=decoder has no encoder; "
                             "set model.arch=encoder_decoder or drop model.encoder_layers")

@@ -82,7 +82,7 @@ def test_mup_at_base_width_is_the_standard_parametrization_but_for_zero_query():
 
 def test_base_width_must_fit_the_heads():
     with pytest.raises(UserError, match="model.base_width .30. must be a multiple of model.n_heads"):
-        build_model(config("model.base_width=30"))
+        config("model.base_width=30")
 
 
 def test_coordinate_check_is_flat_under_mup_and_drifts_under_standard():

@@ -73,12 +73,9 @@ def roles(model_config) -> dict[str, Role]:
     `named_parameters`, shared tensors once)."""
     from stacklm.model.transformer import build_model
 
+    # (Config.validate has checked that base_width fits the heads)
     base, wide = (dataclasses.replace(model_config, d_model=w, parametrization="standard")
                   for w in (model_config.base_width, 2 * model_config.base_width))
-    for cfg in (base, wide):
-        if cfg.d_model % cfg.n_heads:
-            raise UserError(f"model.base_width ({model_config.base_width}) must be a multiple of model.n_heads "
-                            f"({cfg.n_heads}), as d_model is")
     with torch.device("meta"):
         models = [build_model(c) for c in (base, wide, dataclasses.replace(model_config, parametrization="standard"))]
     shapes = [{name: p.shape for name, p in m.named_parameters()} for m in models]
