@@ -8,10 +8,12 @@ from stacklm.training.metrics import read_metrics
 from stacklm.training.trainer import train
 
 
-def test_two_process_ddp_matches_one_process(tiny, tmp_path, cache_dir):
-    """2 ranks x batch 4 (gloo, CPU) take the same steps as 1 process with batch 8."""
+@pytest.mark.parametrize("model", [(), ("model.parametrization=mup", "model.base_width=32")], ids=["dense", "mup"])
+def test_two_process_ddp_matches_one_process(tiny, tmp_path, cache_dir, model):
+    """2 ranks x batch 4 (gloo, CPU) take the same steps as 1 process with batch 8 (also with muP's
+    per-group learning rates)."""
     common = ["train.steps=6", "train.log_every=1", "train.dtype=float32", "train.threads=1",
-              f"data.cache_dir={cache_dir}", "train.progress=false", "eval.sample_tokens=0"]
+              f"data.cache_dir={cache_dir}", "train.progress=false", "eval.sample_tokens=0", *model]
     single = train(tiny(*common, "train.batch_size=8", f"train.out_dir={tmp_path / 'one'}"), log=lambda m: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
