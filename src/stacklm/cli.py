@@ -148,7 +148,7 @@ def cmd_eval(args) -> None:
         if not item.startswith(EVAL_OVERRIDABLE):
             raise UserError(f"{item!r}: eval can change only {' and '.join(k + '*' for k in EVAL_OVERRIDABLE)} "
                             f"of a trained model")
-    contexts = parse_contexts(args.context) if args.context else None
+    contexts = sorted(set(parse_numbers(args.context, int, "--context"))) if args.context else None
     if contexts and args.seq_len:
         raise UserError("give --seq-len or --context, not both")
     device = resolve_device(args.device)
@@ -197,16 +197,6 @@ def cmd_eval(args) -> None:
             print(f"  denoising loss, {name}: {loss:.4f}")
     if contexts:
         write_sweeps(sweeps, args.out or os.path.join(runs[0], "context"), args.json)
-
-
-def parse_contexts(text: str) -> list[int]:
-    try:
-        contexts = [int(part) for part in text.split(",")]
-    except ValueError:
-        contexts = []
-    if not contexts or min(contexts) < 1:
-        raise UserError(f"--context {text!r}: expected comma-separated token counts, e.g. 256,512,1024")
-    return sorted(set(contexts))
 
 
 def stretch(run_dir: str, overrides: list[str], contexts: list[int] | None) -> list[str]:
@@ -316,7 +306,7 @@ def cmd_scaling_plan(args) -> None:
 
 
 def parse_numbers(text: str, kind: type, flag: str) -> list:
-    """`64,128,256` -> [64, 128, 256]; a clear error otherwise."""
+    """`256,512,1024` -> [256, 512, 1024] (of `kind`); one clear line otherwise."""
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:

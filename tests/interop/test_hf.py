@@ -129,13 +129,18 @@ def test_transformers_llama_imports(make_run, tmp_path, rope_format):
 MIXTRAL = {"kind": "moe", "router": "topk", "n_experts": 4, "top_k": 2, "dropless": True}
 
 
-def test_exported_mixtral_gives_the_same_logits(make_run, tmp_path):
-    run_dir = make_run(ffn=MIXTRAL)
+@pytest.mark.parametrize("model, architecture, expected", [
+    ({"ffn": MIXTRAL}, "MixtralForCausalLM", {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}),
+    # local attention is Mistral's sliding window; 40 tokens are five windows
+    ({"attention": {"kind": "local", "window": 8}}, "MistralForCausalLM", {"model_type": "mistral", "sliding_window": 8}),
+], ids=["mixtral", "mistral"])
+def test_exported_variant_gives_the_same_logits(make_run, tmp_path, model, architecture, expected):
+    run_dir = make_run(**model)
     export_hf(run_dir, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (config["model_type"], config["num_local_experts"], config["num_experts_per_tok"]) == ("mixtral", 4, 2)
+    assert {key: config[key] for key in expected} == expected
     ids = torch.randint(0, 512, (2, 40))
-    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids, "MixtralForCausalLM"), logits(run_dir, ids),
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids, architecture), logits(run_dir, ids),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -162,16 +167,6 @@ def test_transformers_mixtral_imports(make_run, tmp_path):
     again, original = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     assert again.keys() == original.keys()
     assert all(torch.equal(again[k], original[k]) for k in original)
-
-
-def test_exported_local_attention_is_mistral_with_the_same_logits(make_run, tmp_path):
-    run_dir = make_run(attention={"kind": "local", "window": 8})
-    export_hf(run_dir, tmp_path / "hf")
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (config["model_type"], config["sliding_window"]) == ("mistral", 8)
-    ids = torch.randint(0, 512, (2, 40))  # five windows long
-    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids, "MistralForCausalLM"), logits(run_dir, ids),
-                               atol=1e-4, rtol=1e-4)
 
 
 def test_transformers_mistral_imports_as_local_attention(make_run, tmp_path):

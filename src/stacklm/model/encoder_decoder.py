@@ -128,10 +128,8 @@ class EncoderDecoder(Transformer):
     """Decoder ids (B, T) and encoder ids (B, S) -> next-token logits (B, T, vocab_size), or with
     `targets` (B, T) the mean cross-entropy over targets other than -100."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def add_stacks(self, cfg: ModelConfig) -> None:
         self.encoder = Encoder(cfg)
-        self.reset_parameters()
 
     def make_block(self, cfg: ModelConfig, layer: int) -> nn.Module:
         return DecoderBlock(cfg, layer)
@@ -192,9 +190,9 @@ class EncoderDecoder(Transformer):
         if encoder_ids is None or encoder_ids.size(1) == 0:
             return None
         b, s = encoder_ids.shape
-        h = self.encode(encoder_ids, encoder_lengths)
         if encoder_lengths is None:
             encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
+        h = self.encode(encoder_ids, encoder_lengths)
         # an empty row still shows its first (padding) position, so no softmax is over nothing;
         # `present` then zeroes that row's cross-attention
         shown = encoder_lengths.clamp(min=1).view(b, 1, 1, 1)

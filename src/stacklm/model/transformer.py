@@ -62,10 +62,14 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.add_stacks(cfg)
         self.reset_parameters()
 
     def make_block(self, cfg: ModelConfig, layer: int) -> nn.Module:
         return Block(cfg, layer)
+
+    def add_stacks(self, cfg: ModelConfig) -> None:
+        """Modules an architecture adds to the decoder (an encoder), before the weights are initialised."""
 
     def reset_parameters(self) -> None:
         """Weight matrices ~ N(0, init_std), residual output projections (`out_proj`) scaled down
