@@ -106,6 +106,8 @@ class TrainConfig:
     dtype: str = option("auto", choices=("auto", "float32", "bfloat16"), help="autocast compute dtype "
                         "(weights stay float32); auto: bfloat16 where the hardware runs it natively")
     compile: bool = option(False, help="torch.compile the model")
+    expert_parallel: bool = option(False, help="under torchrun, shard each MoE layer's experts across "
+                                   "the ranks (tokens travel by all_to_all); the rest stays data-parallel")
     device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = option(1337, ge=0)
     deterministic: bool = option(False, help="use deterministic algorithms (bitwise-repeatable on CPU)")

@@ -35,8 +35,13 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
-    mine = range(dist.rank * batch_size, n_windows, dist.world * batch_size)
-    for first in mine:
+    # Every rank runs the same number of forwards, as collectives inside the model (expert
+    # parallelism's all_to_all) need: a rank short of a batch runs the first again, uncounted
+    n_batches = math.ceil(n_windows / batch_size)
+    for turn in range(math.ceil(n_batches / dist.world)):
+        first = (turn * dist.world + dist.rank) * batch_size
+        counted = first < n_windows
+        first = first if counted else 0
         rows = [store.window(i, seq_len, table) for i in range(first, min(first + batch_size, n_windows))]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
         inputs = objective.batch(batch) if objective else {"idx": batch[:, :-1], "targets": batch[:, 1:]}
@@ -44,7 +49,7 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
             inputs["encoder_ids"] = torch.tensor([encoder_input], dtype=torch.long, device=device).expand(len(rows), -1)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**inputs)
-        n = (inputs["targets"] != -100).sum()
+        n = (inputs["targets"] != -100).sum() * counted
         total[0] += loss.double() * n
         total[1] += n
     dist.all_reduce_sum(total)

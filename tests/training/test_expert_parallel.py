@@ -1,5 +1,8 @@
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,8 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stacklm.config import Config
+from stacklm.errors import UserError
 from stacklm.model.transformer import build_model
+from stacklm.runs import load_run
+from stacklm.training.checkpoint import Checkpointer
 from stacklm.training.expert_parallel import ExpertParallel, apply_expert_parallel
+from stacklm.training.metrics import read_metrics
+from stacklm.training.trainer import train
 
 WORLD = 2
 CASES = {
@@ -75,3 +83,54 @@ def test_two_ranks_match_one_process_holding_all_experts(case, tmp_path):
     """2 gloo processes, each with half the experts and its own batch, give the same losses and
     gradients as one process with every expert running both batches."""
     mp.spawn(worker, args=(str(tmp_path / "store"), CASES[case]), nprocs=WORLD, join=True)
+
+
+def torchrun_train(*items: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "stacklm.cli", "train", "configs/tiny.yaml", *items]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_stacklm_train_with_expert_parallelism(tiny, tmp_path, cache_dir):
+    """`stacklm train ... train.expert_parallel=true` under torchrun takes the same steps as plain
+    DDP (gradient clipping on the global norm included), writes the unsharded model, and resumes
+    exactly from a checkpoint holding every rank's optimizer state."""
+    moe = ["model.ffn=moe", "model.ffn.n_experts=4", "model.ffn.capacity_factor=1.0"]
+    common = [*moe, "train.steps=6", "train.log_every=1", "train.dtype=float32", "train.threads=1",
+              "train.batch_size=4", "train.ckpt_every=3", "train.eval_every=3", "train.grad_clip=0.2",
+              "train.eval_batches=3", f"data.cache_dir={cache_dir}", "train.progress=false",
+              "eval.sample_tokens=0"]
+    runs = {name: tmp_path / name for name in ("dp", "ep")}
+    torchrun_train(*common, f"train.out_dir={runs['dp']}")
+    torchrun_train(*common, "train.expert_parallel=true", f"train.out_dir={runs['ep']}")
+    dp, ep = (read_metrics(runs[name], "train") for name in ("dp", "ep"))
+    assert [r["loss"] for r in ep] == pytest.approx([r["loss"] for r in dp], rel=1e-4)
+    assert [r["grad_norm"] for r in ep] == pytest.approx([r["grad_norm"] for r in dp], rel=1e-4)
+    assert min(r["grad_norm"] for r in dp) > 0.2  # so clipping acted on every step
+    assert ([r["loss"] for r in read_metrics(runs["ep"], "val")]
+            == pytest.approx([r["loss"] for r in read_metrics(runs["dp"], "val")], rel=1e-4))
+
+    # The checkpoint is the whole model: one process loads it and gets DDP's weights
+    ep_model, dp_model = load_run(runs["ep"]).model, load_run(runs["dp"]).model
+    for (name, p), q in zip(ep_model.named_parameters(), dp_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+    # Resume from step 3 on 2 ranks: the same losses as the straight run
+    straight = [r["loss"] for r in ep]
+    ckpt = Checkpointer(runs["ep"] / "checkpoints")
+    shutil.rmtree(ckpt.latest())
+    (runs["ep"] / "checkpoints" / "latest").unlink()
+    torchrun_train(*common, "train.expert_parallel=true", f"train.out_dir={runs['ep']}", "--resume")
+    assert [r["loss"] for r in read_metrics(runs["ep"], "train")] == straight
+
+    # One process cannot take up the two ranks' optimizer states
+    with pytest.raises(UserError, match="saved with 2 ranks and this run has no expert parallelism"):
+        train(tiny(*common, f"train.out_dir={runs['ep']}", "train.steps=9"), resume=True, log=lambda m: None)
+
+
+def test_expert_parallel_needs_experts(tiny):
+    with pytest.raises(UserError, match="train.expert_parallel shards MoE experts"):
+        train(tiny("train.expert_parallel=true", "train.steps=1"), log=lambda m: None)

@@ -76,15 +76,15 @@ def test_nonfinite_steps_are_skipped_then_abort(tiny, monkeypatch):
 
     def sometimes_nan(self, model, batch):
         calls["n"] += 1
-        loss = real(self, model, batch)
-        return loss * float("nan") if calls["n"] in (3, 4) else loss
+        loss, count = real(self, model, batch)
+        return (loss * float("nan") if calls["n"] in (3, 4) else loss), count
 
     monkeypatch.setattr(CausalLM, "loss", sometimes_nan)
     result = train(tiny("train.steps=8", "train.ckpt_every=2"), **QUIET)
     assert result.skipped_steps == 2
     assert all(math.isfinite(p.sum().item()) for p in load_run(result.run_dir).model.parameters())
 
-    monkeypatch.setattr(CausalLM, "loss", lambda self, model, batch: real(self, model, batch) * float("inf"))
+    monkeypatch.setattr(CausalLM, "loss", lambda self, model, batch: (real(self, model, batch)[0] * float("inf"), 1))
     with pytest.raises(TrainingError, match="non-finite for 5 steps in a row"):
         train(tiny("train.steps=20"), resume=False, overwrite=True, **QUIET)
 
@@ -97,6 +97,17 @@ def test_no_weight_decay_on_norms_biases_embeddings(tiny):
     assert model.embed.weight in [p for p in no_decay["params"]]
     assert all(p.dim() >= 2 for p in decay["params"])
     assert any(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_param_groups_of_a_module_whose_config_is_not_stacklms():
+    # the benchmarks build an optimizer for transformers' Llama with the same groups
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["lr_mult"] == no_decay["lr_mult"] == 1.0
+    assert model.model.embed_tokens.weight in no_decay["params"]
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor(tiny):

@@ -1,12 +1,14 @@
 """Cross-entropy of the output projection, fused with it and taken in chunks of tokens.
 
 `linear_cross_entropy(h, W, y)` equals `F.cross_entropy(h @ W.T, y)` with float32 log-softmax, but
-never holds the (tokens, vocab) float32 logits: each chunk's logits become its loss and, when a
-gradient is wanted, its gradient (softmax - one-hot) / count at once, in the matmul dtype. The
-backward pass is then two matmuls over those stored gradients. With a vocabulary of 8192 this is
-25% faster than logits + `F.cross_entropy` (fwd + bwd, bf16 autocast) and holds a third of the
-memory. The same chunking as Liger-Kernel's and Apple's "Cut Your Losses" (arXiv 2411.09009),
-written with plain tensor ops so that it runs everywhere and Inductor fuses it under compile.
+never holds the (tokens, vocab) float32 logits: each chunk's logits are written into the buffer
+that keeps the gradient, then become the chunk's loss and, when a gradient is wanted, softmax -
+one-hot in place, in the matmul dtype. The backward pass is two matmuls over that buffer. On the
+benchmark's shapes (2048 tokens, vocabulary 8192, fwd + bwd) it takes the time of logits +
+`F.cross_entropy` (260-273 vs 265 ms fp32, 80 vs 79 ms bf16 on a 2-core Zen 5) and holds a third
+of the memory. The same chunking as Liger-Kernel's and Apple's "Cut Your Losses" (arXiv
+2411.09009), written with plain tensor ops so that it runs everywhere and Inductor fuses it under
+compile.
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ IGNORE_INDEX = -100
 CHUNK_TOKENS = 256  # rows of logits in flight: 8 MB of float32 at a vocabulary of 8192
 
 
-def _chunk(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, want_grad: bool):
-    # logits: (n, V) in the matmul dtype; targets: (n,) in [0, V); weight: (n,) 1/count or 0
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    losses = (lse - logits.gather(1, targets[:, None]).squeeze(1)) * weight.ne(0)
-    if not want_grad:
-        return losses, None
-    grad = torch.exp_(logits - lse[:, None])  # softmax
-    grad.scatter_add_(1, targets[:, None], grad.new_full((grad.size(0), 1), -1.0))
-    return losses, grad.mul_(weight[:, None])
+def _chunk(logits: torch.Tensor, targets: torch.Tensor, grad_out: torch.Tensor | None) -> torch.Tensor:
+    """Losses (n,) of one chunk's logits (n, V) against targets (n,) in [0, V); when `grad_out`
+    (n, V) is given, writes softmax - one-hot into it (it may be `logits` itself)."""
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # one fused pass
+    losses = log_probs.gather(1, targets[:, None]).squeeze(1).neg_()
+    if grad_out is not None:
+        torch.exp(log_probs, out=grad_out)
+        grad_out.scatter_add_(1, targets[:, None], grad_out.new_full((grad_out.size(0), 1), -1.0))
+    return losses
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -35,28 +36,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # hidden: (N, D), proj: (V, D), both in the matmul dtype; targets: (N,)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = targets.ne(ignore_index)
-        count = valid.sum()
-        weight = valid / count.clamp_min(1)
+        count = valid.sum().clamp_min(1)
         targets = targets.masked_fill(~valid, 0)
         n = hidden.size(0)
         losses = hidden.new_empty(n, dtype=torch.float32)
+        # The gradient of each row's loss, unweighted: ignored rows and 1/count are applied to the
+        # (N, D) operands in backward, which is cheaper than another pass over (N, V)
         grad_logits = hidden.new_empty(n, proj.size(0)) if want_grad else None
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            losses[start:end], grad = _chunk(hidden[start:end] @ proj.t(), targets[start:end],
-                                             weight[start:end], want_grad)
-            if want_grad:
-                grad_logits[start:end] = grad
+            rows = None if grad_logits is None else grad_logits[start:end]
+            logits = torch.mm(hidden[start:end], proj.t(), out=rows)  # written in place when kept
+            losses[start:end] = _chunk(logits, targets[start:end], rows)
         if want_grad:
-            ctx.save_for_backward(grad_logits, hidden, proj)
-        return losses.sum() / count.clamp_min(1)
+            ctx.save_for_backward(grad_logits, hidden, proj, valid, count)
+        return (losses * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_logits, hidden, proj = ctx.saved_tensors
-        scale = grad_out.to(grad_logits.dtype)  # applied to the (N, D) and (V, D) products, not (N, V)
-        grad_hidden = (grad_logits @ proj).mul_(scale) if ctx.needs_input_grad[0] else None
-        grad_proj = (grad_logits.t() @ hidden).mul_(scale) if ctx.needs_input_grad[1] else None
+        grad_logits, hidden, proj, valid, count = ctx.saved_tensors
+        weight = (valid * (grad_out / count))[:, None]  # float32 (N, 1): 0 on ignored rows
+        grad_hidden = grad_proj = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ proj).float().mul_(weight).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_proj = grad_logits.t() @ (hidden.float() * weight).to(hidden.dtype)
         return grad_hidden, grad_proj, None, None, None
 
 

@@ -110,6 +110,11 @@ class GroupedSwiGLU(nn.Module):
         out.out_proj.data.copy_(self.out_proj.data[experts.start:experts.stop])
         return out
 
+    @staticmethod
+    def merge_state(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The state dict of the whole set from those of `select`ed consecutive shares, in order."""
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # x: (M, D) sorted by expert, counts: (E,) -> (M, D)
         device = x.device.type
@@ -136,6 +141,19 @@ class ExpertList(nn.Module):
 
     def select(self, experts: range) -> ExpertList:
         return ExpertList([self.experts[e] for e in experts])
+
+    @staticmethod
+    def merge_state(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The state dict of the whole set from those of `select`ed consecutive shares, in order:
+        share r's expert i is expert sum(sizes before r) + i."""
+        merged, first = {}, 0
+        for part in parts:
+            indices = {int(key.split(".")[1]) for key in part}
+            for key, value in part.items():
+                _, i, rest = key.split(".", 2)
+                merged[f"experts.{first + int(i)}.{rest}"] = value
+            first += len(indices)
+        return merged
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # x: (M, D) sorted by expert, counts: (E,) -> (M, D)

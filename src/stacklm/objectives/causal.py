@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from stacklm.errors import UserError
+from stacklm.model.loss import IGNORE_INDEX
 from stacklm.registry import OBJECTIVE, ComponentConfig
 
 
@@ -31,9 +32,11 @@ class Objective:
         """What an encoder-decoder's encoder reads for a text's `ids` (a system prompt)."""
         return list(ids)
 
-    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
-        # batch: (B, T + 1) token ids
-        return model(**self.batch(batch))
+    def loss(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean loss over the batch's target tokens, and how many there are (data-parallel
+        ranks weight their means by it). batch: (B, T + 1) token ids."""
+        inputs = self.batch(batch)
+        return model(**inputs), inputs["targets"].ne(IGNORE_INDEX).sum()
 
 
 @OBJECTIVE.register("causal", CausalConfig)

@@ -26,12 +26,27 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class _StateDict(nn.Module):
+    """A module standing for a state dict, for safetensors' `save_model` (which drops the names
+    of shared tensors, such as tied embeddings, as `load_model` expects)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self.state = state
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep_last: int = 2):
         self.directory = Path(directory)
         self.keep_last = keep_last
 
-    def save(self, step: int, model: nn.Module, state: dict) -> Path:
+    def save(self, step: int, model: nn.Module | dict[str, torch.Tensor], state: dict) -> Path:
+        """`model`: the module, or its state dict (e.g. gathered from sharded ranks)."""
+        if isinstance(model, dict):
+            model = _StateDict(model)
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f".tmp-{final.name}-{os.getpid()}"

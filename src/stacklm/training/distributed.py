@@ -46,9 +46,12 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return info, device
 
 
-def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device) -> nn.Module:
+def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device, ignore: list[str] = ()) -> nn.Module:
+    """DDP over every parameter except those named in `ignore` (each rank's own expert shares)."""
     if info.world == 1:
         return model
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

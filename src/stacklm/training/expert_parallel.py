@@ -8,6 +8,8 @@ all_to_all carries gradients: the backward pass sends each token's gradient back
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -47,6 +49,17 @@ class ExpertParallel(nn.Module):
         y = torch.empty_like(y).index_copy(0, order, y)
         return funcol.all_to_all_single_autograd(y, send, recv, self.group)
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict of the unsharded experts, gathered from every rank (a collective)."""
+        mine = self.local.state_dict()
+        shares: list[dict[str, torch.Tensor]] = [{} for _ in range(self.world)]
+        for key, value in mine.items():
+            gathered = [torch.empty_like(value) for _ in range(self.world)]
+            dist.all_gather(gathered, value.contiguous(), group=self.group)
+            for share, tensor in zip(shares, gathered, strict=True):
+                share[key] = tensor
+        return type(self.local).merge_state(shares)
+
 
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Shard every MoE layer's experts of `model` across `group` (default: all ranks), in place.
@@ -58,3 +71,57 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = No
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallel):
             module.experts = ExpertParallel(module.experts, group)
     return model
+
+
+def sharded_modules(model: nn.Module) -> dict[str, ExpertParallel]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallel)}
+
+
+def sharded_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters each rank holds its own share of (for DDP to leave alone)."""
+    return [f"{prefix}.{name}" for prefix, m in sharded_modules(model).items() for name, _ in m.named_parameters()]
+
+
+def unsharded_name(name: str) -> str:
+    """The name a sharded parameter's counterpart has in the unsharded model, up to the expert
+    index (local expert i of a list of experts maps to expert i): for per-role lookups (muP)."""
+    return name.replace(".experts.local.", ".experts.")
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` as the unsharded model's, every expert gathered. A collective: every
+    rank calls it. Tensors shared by names (tied embeddings) stay shared."""
+    state = model.state_dict()
+    for prefix, module in sharded_modules(model).items():
+        for key in [k for k in state if k.startswith(f"{prefix}.")]:
+            del state[key]
+        state.update({f"{prefix}.{key}": value for key, value in module.full_state_dict().items()})
+    return state
+
+
+def scale_sharded_grads(model: nn.Module, factor: float) -> None:
+    """Multiply the gradients of the sharded experts by `factor`. Each holds the sum over every
+    rank's tokens; DDP averages the replicated parameters' gradients, so 1 / world matches it."""
+    for module in sharded_modules(model).values():
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over the whole unsharded model: the replicated gradients'
+    norm (equal on every rank after DDP's all-reduce) combined with every rank's expert shares'.
+    Returns the total norm, the same on every rank."""
+    sharded = {id(p) for m in sharded_modules(model).values() for p in m.parameters()}
+    params = [p for p in model.parameters() if p.grad is not None]
+    device = next(model.parameters()).device
+
+    def squared(grads: list[torch.Tensor]) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm(grads).float() ** 2 if grads else torch.zeros((), device=device)
+
+    experts = squared([p.grad for p in params if id(p) in sharded])
+    dist.all_reduce(experts, group=group)
+    total = (squared([p.grad for p in params if id(p) not in sharded]) + experts).sqrt()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -8,7 +8,9 @@ import math
 import torch
 from torch import nn
 
+from stacklm.config import ModelConfig
 from stacklm.model import mup
+from stacklm.training.expert_parallel import unsharded_name
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -18,14 +20,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     (`stacklm.model.mup.Role.lr_mult`)."""
     keep = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     keep |= {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "no_weight_decay", ())}
-    config = getattr(model, "config", None)
-    roles = mup.roles(config) if config is not None and config.parametrization == "mup" else {}
+    config = getattr(model, "config", None)  # any module trains; only stacklm's carry muP roles
+    roles = mup.roles(config) if isinstance(config, ModelConfig) and config.parametrization == "mup" else {}
     groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.dim() >= 2 and id(p) not in keep
-        lr_mult = roles[name].lr_mult if roles else 1.0
+        lr_mult = roles[unsharded_name(name)].lr_mult if roles else 1.0
         groups.setdefault((decay, lr_mult), []).append(p)
     return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": lr_mult}
             for (decay, lr_mult), params in groups.items() if params or lr_mult == 1.0]

@@ -18,8 +18,10 @@ from stacklm.data import PackedLoader, Tokenizer, prepare_data
 from stacklm.device import keep_freed_memory_on_cpu, resolve_dtype
 from stacklm.errors import TrainingError, UserError
 from stacklm.evaluate import evaluate
+from stacklm.model.moe import MoE
 from stacklm.model.transformer import build_model
 from stacklm.registry import OBJECTIVE
+from stacklm.training import expert_parallel
 from stacklm.training.checkpoint import Checkpointer, load_state, load_weights
 from stacklm.training.distributed import Dist, init_distributed, shutdown, wrap_data_parallel
 from stacklm.training.metrics import MetricsLogger
@@ -83,6 +85,30 @@ def init_run_dir(config: Config, run_dir: Path, info: Dist, resume: bool, overwr
     info.barrier()
 
 
+def shard_experts(model: torch.nn.Module, info: Dist) -> bool:
+    """Apply `train.expert_parallel`; returns whether the experts are now sharded (not when alone)."""
+    if not any(isinstance(m, MoE) for m in model.modules()):
+        raise UserError("train.expert_parallel shards MoE experts, and this model has none; set "
+                        "model.ffn=moe, or train.expert_parallel=false")
+    if info.world == 1:
+        return False
+    expert_parallel.apply_expert_parallel(model)
+    return True
+
+
+def optimizer_state(state: dict, sharded: bool, info: Dist, checkpoint: Path) -> dict:
+    """This rank's optimizer state from a checkpoint's trainer state."""
+    saved = state.get("expert_parallel", False)
+    if not saved and not sharded:
+        return state["optimizer"]
+    if saved and sharded and len(state["optimizer"]) == info.world:
+        return state["optimizer"][info.rank]
+    ranks = f"{len(state['optimizer'])} ranks" if saved else "no expert parallelism"
+    now = f"{info.world} ranks" if sharded else "no expert parallelism"
+    raise UserError(f"--resume: {checkpoint} was saved with {ranks} and this run has {now}; "
+                    f"resume with the same train.expert_parallel and number of processes")
+
+
 def train(config: Config, resume: bool = False, overwrite: bool = False,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train the model `config` describes; under torchrun, as one rank of data-parallel training."""
@@ -120,20 +146,22 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         data.tokenizer.save(run_dir / TOKENIZER_FILE)
 
     model = build_model(config).to(device)
+    if resume:
+        load_weights(model, ckpt.latest())  # checkpoints hold the unsharded model
+    sharded = shard_experts(model, info) if tcfg.expert_parallel else False
     objective = OBJECTIVE.build(tcfg.objective, data.tokenizer, config.model)
     optimizer = build_optimizer(model, tcfg, device)
     loader = PackedLoader(data.train, seq_len, tcfg.batch_size, tcfg.seed, rank=info.rank, world=info.world)
     step, skipped = 0, 0
     if resume:
         latest = ckpt.latest()
-        load_weights(model, latest)
         state = load_state(latest)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(optimizer_state(state, sharded, info, latest))
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         step, skipped = state["step"], state["skipped_steps"]
         log(f"resuming {run_dir} from step {step}")
-    net = wrap_data_parallel(model, info, device)
+    net = wrap_data_parallel(model, info, device, expert_parallel.sharded_parameter_names(model))
     if tcfg.compile:
         net = torch.compile(net)
 
@@ -154,11 +182,19 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
                         autocast_dtype, info, encoder_input=objective.encoder_input([]))
 
     def save(at: int) -> Path | None:
+        # Sharded experts: every rank sends its share of the weights and its optimizer state to
+        # the main rank, which writes the unsharded model and every rank's optimizer state
+        weights = expert_parallel.full_state_dict(model) if sharded else model
+        optim_state = optimizer.state_dict()
+        if sharded:
+            gathered = [None] * info.world if info.main else None
+            torch.distributed.gather_object(optim_state, gathered)
+            optim_state = gathered
         if not info.main:
             return None
-        state = {"step": at, "skipped_steps": skipped, "optimizer": optimizer.state_dict(),
+        state = {"step": at, "skipped_steps": skipped, "optimizer": optim_state, "expert_parallel": sharded,
                  "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()}}
-        return ckpt.save(at, model, state)
+        return ckpt.save(at, weights, state)
 
     losses: list[float] = []
     in_a_row = 0
@@ -174,11 +210,20 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
             sync = contextlib.nullcontext() if info.world == 1 or last else net.no_sync()
             with sync:
                 with autocast:
-                    loss = objective.loss(net, batch)
+                    loss, count = objective.loss(net, batch)
                     aux = model.auxiliary_loss()  # MoE load balance and router z-loss, if any
+                if info.world > 1:
+                    # DDP averages the ranks' gradients; ranks whose batches hold more target
+                    # tokens (denoising objectives) weigh more, so that the step is the gradient of
+                    # the mean over all ranks' tokens, as in one process. 1 when the counts are equal.
+                    loss = loss * (count * info.world / info.all_reduce_sum(count.clone()))
                 ((loss if aux is None else loss + aux) / tcfg.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        if sharded:
+            expert_parallel.scale_sharded_grads(model, 1 / info.world)
+            grad_norm = expert_parallel.clip_grad_norm_(model, tcfg.grad_clip or math.inf)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         mean_loss = info.all_reduce_sum(loss_sum / tcfg.grad_accum).item() / info.world
         if torch.isfinite(grad_norm) and math.isfinite(mean_loss):
             optimizer.step()
