@@ -34,6 +34,21 @@ def test_multiplicative_qkv_has_a_fraction_of_the_dense_parameters():
     assert dense == 4 * D * D and sparse == 4 * (H * D + D * D // H)
 
 
+def test_flops_count_the_multiply_adds_a_token_makes():
+    def model(qkv):
+        return build_model(Config.load("configs/tiny.yaml", [f"model.d_model={D}", f"model.n_heads={H}",
+                                                             f"model.attention.qkv={qkv}"]))
+
+    dense, mult, conv = model("dense"), model("multiplicative"), model("multiplicative_conv")
+    # a multiplicative layer makes a dense layer's D x D multiply-adds per token, however few its weights
+    assert mult.flops_per_token(64) == dense.flops_per_token(64)
+    # sparse QKV: one shared D x D layer and per module the q/k kernel (2M x M x 3 x 3) and the v
+    # kernel (M x M x 3 x 1), where dense has four D x D projections
+    m, layers = D // H, dense.config.n_layers
+    per_token = D * D + H * (2 * m * m * 3 * 3 + m * m * 3)
+    assert dense.flops_per_token(64) - conv.flops_per_token(64) == 6 * layers * (4 * D * D - per_token)
+
+
 def test_conv_reaches_length_kernel_positions_back_and_3_modules_across():
     """With the shared layer made the identity: a change at (position t, module j) moves q and k in
     positions t .. t+2 and modules j-1 .. j+1, v in positions t .. t+2 of module j only."""

@@ -45,6 +45,11 @@ class MultiplicativeDense(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def active_matmul_params(self) -> float:
+        """Multiply-adds per token: S modules of M units each read all d_in scaled inputs, as many
+        as a dense layer's (the saving is in the weights read, S d_in + M d_in, not in arithmetic)."""
+        return self.multiplier.size(0) * self.weight.numel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., d_in) -> (..., S * M)
         d_in = x.size(-1)
@@ -105,6 +110,11 @@ class MultiplicativeConvQKV(nn.Module):
         self.qk_conv_bias = nn.Parameter(torch.zeros(2 * m))
         self.v_conv = nn.Parameter(torch.empty(m, m, lk, 1))
         self.v_conv_bias = nn.Parameter(torch.zeros(m))
+
+    def active_matmul_params(self) -> float:
+        """Multiply-adds per token of the convolutions (the shared layer counts its own): each of
+        the S modules applies the whole kernels once."""
+        return self.sparsity * (self.qk_conv.numel() + self.v_conv.numel())
 
     def new_state(self, batch: int, dtype: torch.dtype, device) -> ConvState:
         return ConvState(torch.zeros(batch, self.length_kernel - 1, self.sparsity * self.d_module,

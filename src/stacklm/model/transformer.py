@@ -170,8 +170,9 @@ class Transformer(nn.Module):
 
 
 def matmul_weights(module: nn.Module) -> float:
-    """Weights of the matmuls one token runs through in `module`: every 2-D weight, except that an
-    MoE layer counts its router and the k experts a token takes (`active_matmul_params`)."""
+    """Weights of the matmuls one token runs through in `module`: every 2-D weight, except in
+    modules that count their own (`active_matmul_params`: an MoE layer its router and the k experts
+    a token takes; the sparse QKV layers their multiply-adds per token)."""
     routed = [m for m in module.modules() if hasattr(m, "active_matmul_params")]
     inside = {id(p) for m in routed for p in m.parameters()}
     return (sum(p.numel() for p in module.parameters() if p.dim() == 2 and id(p) not in inside)
