@@ -17,7 +17,7 @@ width), so both pass each token through the same number of weights.
 
 All timed calls take turns (A B A B ...); each ratio is the median of the per-round ratios.
 
-    python -m benchmarks.moe [--quick] [--skip-quality]
+    python -m benchmarks.moe [--quick] [--skip-quality | --skip-speed] [--steps N]
 """
 
 from __future__ import annotations
@@ -148,19 +148,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and 100 training steps per model")
     parser.add_argument("--skip-quality", action="store_true", help="no training of the twins")
+    parser.add_argument("--skip-speed", action="store_true", help="only the training of the twins")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of each twin (default: the presets' 350; 100 with --quick)")
     parser.add_argument("--eval-every", type=int, default=None, help="MoE validation interval (default steps/14)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"machine: {machine()}; load average {load_average()}")
     rounds = 3 if args.quick else 7
-    print(table(dispatch(rounds, 8 if args.quick else 16, 256),
-                ["one MoE layer, fwd+bwd bf16", "ms", "vs naive", "vs dense FFN"]), flush=True)
-    step_rows, ratios = train_steps(rounds, 8 if args.quick else 16, 256)
-    print(table(step_rows, ["training step, bf16", "ms/step", "time vs dense"]), flush=True)
-    print(table(decode(rounds, 16 if args.quick else 48), ["decode, batch 1", "ms/token", "speed vs dense"]), flush=True)
-    headline("step_time_ratio", median(ratios), 1.35, "x (MoE / dense-active training step time, bf16, CPU)")
+    if not args.skip_speed:
+        print(table(dispatch(rounds, 8 if args.quick else 16, 256),
+                    ["one MoE layer, fwd+bwd bf16", "ms", "vs naive", "vs dense FFN"]), flush=True)
+        step_rows, ratios = train_steps(rounds, 8 if args.quick else 16, 256)
+        print(table(step_rows, ["training step, bf16", "ms/step", "time vs dense"]), flush=True)
+        print(table(decode(rounds, 16 if args.quick else 48), ["decode, batch 1", "ms/token", "speed vs dense"]),
+              flush=True)
+        headline("step_time_ratio", median(ratios), 1.35, "x (MoE / dense-active training step time, bf16, CPU)")
     if not args.skip_quality:
-        steps = 100 if args.quick else None
+        steps = args.steps or (100 if args.quick else None)
         total = steps or stacklm.Config.load("configs/default.yaml").train.steps
         curves = quality(steps, args.eval_every or max(1, total // 14))
         dense_final = curves["dense"][-1][1]

@@ -46,6 +46,22 @@ def test_bf16_autocast_matches_autocast_reference():
         torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-2)
 
 
+def test_bf16_keeps_the_gradient_of_confident_tokens():
+    """Where p_target is near 1 its gradient p_target - 1 is tiny, and must not round to 0."""
+    hidden, proj, _ = leaves()
+    with torch.no_grad():
+        proj.mul_(6.0)
+        logits = F.linear(hidden, proj)
+        targets = logits.argmax(-1)
+        confident = logits.softmax(-1).amax(-1).flatten() > 0.99
+    assert confident.sum() > 20
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = grads(reference, hidden, proj, targets)[1].flatten(0, 1)[confident]
+        got = grads(linear_cross_entropy, hidden, proj, targets)[1].flatten(0, 1)[confident]
+    error = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert error.max() < 0.05, error.max()
+
+
 def test_all_targets_ignored_gives_zero_loss_and_gradient():
     hidden, proj, targets = leaves()
     loss, grad_hidden, grad_proj = grads(linear_cross_entropy, hidden, proj, torch.full_like(targets, -100))

@@ -49,15 +49,20 @@ class ExpertParallel(nn.Module):
         y = torch.empty_like(y).index_copy(0, order, y)
         return funcol.all_to_all_single_autograd(y, send, recv, self.group)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict of the unsharded experts, gathered from every rank (a collective)."""
+    def full_state_dict(self, dst: int = 0) -> dict[str, torch.Tensor]:
+        """The state dict of the unsharded experts on rank `dst` (in host memory), gathered from
+        every rank; {} on the others. A collective: every rank calls it."""
         mine = self.local.state_dict()
+        receiver = dist.get_rank(self.group) == dst
         shares: list[dict[str, torch.Tensor]] = [{} for _ in range(self.world)]
         for key, value in mine.items():
-            gathered = [torch.empty_like(value) for _ in range(self.world)]
-            dist.all_gather(gathered, value.contiguous(), group=self.group)
-            for share, tensor in zip(shares, gathered, strict=True):
-                share[key] = tensor
+            gathered = [torch.empty_like(value) for _ in range(self.world)] if receiver else None
+            dist.gather(value.contiguous(), gathered, dst=dist.get_global_rank(self.group, dst), group=self.group)
+            if receiver:
+                for share, tensor in zip(shares, gathered, strict=True):
+                    share[key] = tensor.cpu()
+        if not receiver:
+            return {}
         return type(self.local).merge_state(shares)
 
 
@@ -89,8 +94,9 @@ def unsharded_name(name: str) -> str:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` as the unsharded model's, every expert gathered. A collective: every
-    rank calls it. Tensors shared by names (tied embeddings) stay shared."""
+    """`model.state_dict()` as the unsharded model's on the main rank, every expert gathered
+    there (its local entries elsewhere). A collective: every rank calls it. Tensors shared by names
+    (tied embeddings) stay shared."""
     state = model.state_dict()
     for prefix, module in sharded_modules(model).items():
         for key in [k for k in state if k.startswith(f"{prefix}.")]:

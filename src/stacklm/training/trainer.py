@@ -85,6 +85,17 @@ def init_run_dir(config: Config, run_dir: Path, info: Dist, resume: bool, overwr
     info.barrier()
 
 
+def to_cpu(state):
+    """A copy of a nested dict / list of tensors with every tensor in host memory."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: to_cpu(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(to_cpu(value) for value in state)
+    return state
+
+
 def shard_experts(model: torch.nn.Module, info: Dist) -> bool:
     """Apply `train.expert_parallel`; returns whether the experts are now sharded (not when alone)."""
     if not any(isinstance(m, MoE) for m in model.modules()):
@@ -92,6 +103,9 @@ def shard_experts(model: torch.nn.Module, info: Dist) -> bool:
                         "model.ffn=moe, or train.expert_parallel=false")
     if info.world == 1:
         return False
+    # Each rank keeps its slice of the same experts: make sure all start from rank 0's weights
+    for tensor in model.state_dict().values():
+        torch.distributed.broadcast(tensor, src=0)
     expert_parallel.apply_expert_parallel(model)
     return True
 
@@ -146,6 +160,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         data.tokenizer.save(run_dir / TOKENIZER_FILE)
 
     model = build_model(config).to(device)
+    n_params, flops = model.num_params(), model.flops_per_token(seq_len)  # of the whole model
     if resume:
         load_weights(model, ckpt.latest())  # checkpoints hold the unsharded model
     sharded = shard_experts(model, info) if tcfg.expert_parallel else False
@@ -167,8 +182,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
 
     tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * info.world
     autocast_dtype = resolve_dtype(tcfg.dtype, device)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, "
-        f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token (train); "
+    log(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token (train); "
         f"{tokens_per_step} tokens/step on {info.world} x {device}, {tcfg.dtype} -> {autocast_dtype}")
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
     metrics = MetricsLogger(run_dir, enabled=info.main)
@@ -186,9 +200,9 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         # the main rank, which writes the unsharded model and every rank's optimizer state
         weights = expert_parallel.full_state_dict(model) if sharded else model
         optim_state = optimizer.state_dict()
-        if sharded:
+        if sharded:  # through host memory: rank 0's device need not hold every rank's state
             gathered = [None] * info.world if info.main else None
-            torch.distributed.gather_object(optim_state, gathered)
+            torch.distributed.gather_object(to_cpu(optim_state), gathered)
             optim_state = gathered
         if not info.main:
             return None
