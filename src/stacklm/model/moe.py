@@ -120,7 +120,9 @@ class GroupedSwiGLU(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x, w_in, w_out = x.to(dtype), self.gate_up_proj.to(dtype), self.out_proj.to(dtype)
-        if self.dispatch == "grouped" and device in ("cpu", "cuda"):
+        # torch.compile's shape check for _grouped_mm admits only bf16, though eager CPU runs float32
+        grouped_ok = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+        if self.dispatch == "grouped" and device in ("cpu", "cuda") and grouped_ok:
             offsets = counts.cumsum(0).to(torch.int32)
             gate, up = torch._grouped_mm(x, w_in.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
             return torch._grouped_mm(F.silu(gate) * up, w_out.transpose(-2, -1), offs=offsets)
