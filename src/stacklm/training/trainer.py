@@ -230,7 +230,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
                     # DDP averages the ranks' gradients; ranks whose batches hold more target
                     # tokens (denoising objectives) weigh more, so that the step is the gradient of
                     # the mean over all ranks' tokens, as in one process. 1 when the counts are equal.
-                    loss = loss * (count * info.world / info.all_reduce_sum(count.clone()))
+                    loss = loss * (count * info.world / info.all_reduce_sum(count.clone()).clamp_min(1))
                 ((loss if aux is None else loss + aux) / tcfg.grad_accum).backward()
             loss_sum += loss.detach()
         if sharded:
