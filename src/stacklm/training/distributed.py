@@ -3,6 +3,7 @@ from outside (the model file knows nothing of it)."""
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -57,4 +58,8 @@ def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device, ignor
 
 def shutdown(info: Dist) -> None:
     if info.world > 1 and dist.is_initialized():
+        # Free what still holds the process group (DDP's reducer sits in reference cycles) while
+        # the interpreter is whole: gloo objects freed during interpreter teardown have aborted a
+        # finished run, rarely, with "terminate called without an active exception"
+        gc.collect()
         dist.destroy_process_group()
