@@ -161,15 +161,15 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
 
     model = build_model(config).to(device)
     n_params, flops = model.num_params(), model.flops_per_token(seq_len)  # of the whole model
-    if resume:
-        load_weights(model, ckpt.latest())  # checkpoints hold the unsharded model
+    latest = ckpt.latest() if resume else None
+    if latest is not None:
+        load_weights(model, latest)  # checkpoints hold the unsharded model
     sharded = shard_experts(model, info) if tcfg.expert_parallel else False
     objective = OBJECTIVE.build(tcfg.objective, data.tokenizer, config.model)
     optimizer = build_optimizer(model, tcfg, device)
     loader = PackedLoader(data.train, seq_len, tcfg.batch_size, tcfg.seed, rank=info.rank, world=info.world)
     step, skipped = 0, 0
-    if resume:
-        latest = ckpt.latest()
+    if latest is not None:
         state = load_state(latest)
         optimizer.load_state_dict(optimizer_state(state, sharded, info, latest))
         loader.load_state_dict(state["loader"])
