@@ -43,7 +43,17 @@ def largest_error(kernel, q, k, v, grad) -> float:
 
     ours = run(kernel, (q, k, v), grad)
     reference = run(fused, [x.float() for x in (q, k, v)], grad.float())
-    return max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference))
+    return max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference, strict=True))
+
+
+def measure(dtype: torch.dtype, length: int, rounds: int):
+    """Seconds of forward + backward of each kernel by turns, and each one's largest_error."""
+    q, k, v = (torch.randn(2048 // length, 8, length, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    errors = {label: largest_error(kernel, q, k, v, grad) for label, kernel in KERNELS.items()}
+    times = alternate({label: lambda kernel=kernel: kernel(q, k, v).backward(grad)
+                       for label, kernel in KERNELS.items()}, rounds, warmup=2)
+    return times, errors
 
 
 def main() -> None:
@@ -58,11 +68,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         name = "fp32" if dtype == torch.float32 else "bf16"
         for length in lengths:
-            q, k, v = (torch.randn(2048 // length, 8, length, 64, dtype=dtype, requires_grad=True) for _ in range(3))
-            grad = torch.randn_like(q)
-            errors = {label: largest_error(kernel, q, k, v, grad) for label, kernel in KERNELS.items()}
-            times = alternate({label: lambda kernel=kernel: kernel(q, k, v).backward(grad)
-                               for label, kernel in KERNELS.items()}, rounds, warmup=2)
+            times, errors = measure(dtype, length, rounds)
             for label in KERNELS:
                 ratio = speedup(times["fused (flash)"], times[label])
                 rows.append([name, length, label, f"{median(times[label]) * 1e3:.1f}", f"{ratio:.2f}x",

@@ -22,7 +22,7 @@ def test_block_causal_attention_equals_sdpa(t, rows, kv_heads):
     ours = grads(lambda q, k, v: block_causal_attention(q, k, v, rows), q, k, v)
     reference = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                       q, k, v)
-    for a, b in zip(ours, reference):  # output, dq, dk, dv
+    for a, b in zip(ours, reference, strict=True):  # output, dq, dk, dv
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -30,7 +30,7 @@ def test_block_causal_attention_in_bfloat16():
     q, k, v = (torch.randn(2, 4, 45, 32) for _ in range(3))
     ours = grads(lambda *x: block_causal_attention(*x, rows=16), *(x.bfloat16() for x in (q, k, v)))
     reference = grads(lambda *x: F.scaled_dot_product_attention(*x, is_causal=True), q, k, v)
-    for a, b in zip(ours, reference):
+    for a, b in zip(ours, reference, strict=True):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, atol=2e-2 * b.abs().max().item(), rtol=0)
 

@@ -307,7 +307,7 @@ class _BlockCausalAttention(torch.autograd.Function):
         dq = []
         dk = torch.zeros_like(k, dtype=torch.float32)  # summed over blocks in float32
         dv = torch.zeros_like(v, dtype=torch.float32)
-        for p, s in zip(probs, range(0, t, rows)):
+        for p, s in zip(probs, range(0, t, rows), strict=True):
             e = min(s + rows, t)
             g = grad[..., s:e, :]
             dv[..., :e, :] += p.transpose(-1, -2) @ g
