@@ -35,6 +35,21 @@ def test_block_causal_attention_in_bfloat16():
         torch.testing.assert_close(a.float(), b, atol=2e-2 * b.abs().max().item(), rtol=0)
 
 
+def test_block_causal_attention_under_autocast():
+    """float32 inputs under bf16 autocast: computed in bf16 as one op, and its backward runs."""
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+
+    def attend(*x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return block_causal_attention(*x, rows=8)
+
+    ours = grads(attend, q, k, v)
+    reference = grads(lambda *x: F.scaled_dot_product_attention(*x, is_causal=True), q, k, v)
+    assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == torch.float32
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a.float(), b, atol=2e-2 * b.abs().max().item(), rtol=0)
+
+
 def test_training_on_the_cpu_takes_the_block_path(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "block_causal_attention", lambda *a: calls.append(1) or attention.explicit_attention(
@@ -46,6 +61,8 @@ def test_training_on_the_cpu_takes_the_block_path(monkeypatch):
     causal_attention(q, k, v, None, dropout=0.1)  # dropout: the fused kernel's
     assert len(calls) == 1
     causal_attention(*(x.bfloat16() for x in (q, k, v)), None)
+    assert len(calls) == 2
+    causal_attention(*(x.double() for x in (q, k, v)), None)  # float64: SDPA keeps its precision
     assert len(calls) == 2
 
 

@@ -263,7 +263,8 @@ BLOCK_ROWS = 128
 def prefer_blocks(q: torch.Tensor, t_k: int) -> bool:
     if q.device.type != "cpu" or t_k > BLOCK_MAX_LEN:
         return False
-    return q.dtype == torch.bfloat16 or (torch.is_grad_enabled() and q.requires_grad)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and torch.is_grad_enabled() and q.requires_grad)
 
 
 def block_causal_attention(q, k, v, rows: int = BLOCK_ROWS) -> torch.Tensor:
@@ -273,7 +274,11 @@ def block_causal_attention(q, k, v, rows: int = BLOCK_ROWS) -> torch.Tensor:
     groups = q.size(-3) // k.size(-3)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    return _BlockCausalAttention.apply(q, k.contiguous(), v.contiguous(), rows)
+    # As one op under autocast: the inputs in its dtype, then no autocast inside, so that the
+    # backward pass (which runs without autocast) meets the forward's dtypes
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    with torch.autocast("cpu", enabled=False):
+        return _BlockCausalAttention.apply(q.to(dtype), k.to(dtype).contiguous(), v.to(dtype).contiguous(), rows)
 
 
 class _BlockCausalAttention(torch.autograd.Function):
@@ -285,6 +290,7 @@ class _BlockCausalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, rows):
         t, scale = q.size(-2), q.size(-1) ** -0.5
         above = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
+        keep = any(ctx.needs_input_grad[:3])  # the probabilities, for backward
         outs, probs = [], []
         for s in range(0, t, rows):
             e = min(s + rows, t)
@@ -292,13 +298,16 @@ class _BlockCausalAttention(torch.autograd.Function):
             scores[..., s:].masked_fill_(above[: e - s, : e - s], float("-inf"))
             p = scores.mul_(scale).softmax(dim=-1)
             outs.append(p @ v[..., :e, :])
-            probs.append(p)
+            if keep:
+                probs.append(p)
         out = torch.cat(outs, dim=-2)  # not matmul(out=) into slices: Dynamo breaks the graph there
-        ctx.save_for_backward(q, k, v, out, *probs)
+        if keep:
+            ctx.save_for_backward(q, k, v, out, *probs)
         ctx.rows = rows
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, v, out, *probs = ctx.saved_tensors
         t, scale, rows = q.size(-2), q.size(-1) ** -0.5, ctx.rows
