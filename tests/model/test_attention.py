@@ -82,3 +82,10 @@ def test_training_step_traces_as_one_graph(dtype):
 
     explained = torch._dynamo.explain(loss)(ids[:, :-1], ids[:, 1:])
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_one_query_attention_equals_sdpa(kv_heads):
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, kv_heads, 9, 16), torch.randn(3, kv_heads, 9, 16)
+    torch.testing.assert_close(attention.one_query_attention(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
