@@ -214,6 +214,7 @@ def test_padding_takes_no_capacity_and_no_expert_choice(router):
     moe = MoE(MoEConfig(router=router, n_experts=E, capacity_factor=1.0), model_config()).eval()
     moe.eval_capacity_factor = 1.0  # tight capacity, so that padding would crowd real tokens out
     torch.nn.init.normal_(moe.router.weight, std=0.5)
+    moe.experts.init_weights(0.1, 0.1)  # built alone, not by a model: nothing initialised them
     real = torch.randn(1, 12, D)
     alone = moe(real)
     padded = torch.cat((real, 5 * torch.randn(1, 20, D)), dim=1)  # 20 positions of padding
