@@ -36,6 +36,14 @@ def fast_bf16(device: torch.device) -> bool:
     return False
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's when it is on for x's device, else x's own. For the
+    fused ops that run as one autograd Function with autocast off inside, so that their backward
+    pass (which runs without autocast) meets the forward's dtypes."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 where it is fast (see fast_bf16), else float32."""
     if name == "auto":

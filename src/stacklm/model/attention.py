@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stacklm.device import compute_dtype
 from stacklm.errors import UserError
 from stacklm.model.mup import attention_mult
 from stacklm.registry import ATTENTION, QKV, ComponentConfig, option
@@ -182,10 +183,10 @@ def causal_attention(q, k, v, bias: torch.Tensor | None, dropout: float = 0.0,
     if prefix is not None:
         return masked_attention(q, k, v, attention_mask(t_q, t_k, bias, q, prefix), dropout)
     if bias is None and t_q == 1:  # one new token sees every cached position
-        if q.device.type == "cpu" and not dropout and torch.compiler.is_compiling():
+        if q.device.type == "cpu" and torch.compiler.is_compiling() and not dropout:
             return one_query_attention(q, k, v)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the flash kernel: 9x slower at 4096 keys
-            return explicit_attention(q, k, v, None, dropout)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # at any length: the flash kernel
+            return explicit_attention(q, k, v, None, dropout)  # was 9x slower at 4096 keys
         return masked_attention(q, k, v, None, dropout)
     if bias is None and t_q == t_k and not dropout and prefer_blocks(q, t_k):
         return block_causal_attention(q, k, v)
@@ -250,12 +251,18 @@ def prefer_explicit(q: torch.Tensor, t_k: int) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and t_k <= EXPLICIT_MAX_LEN
 
 
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query keys and values (..., Hkv, T, hd) repeated to n_heads, each for its group."""
+    groups = n_heads // k.size(-3)
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+
+
 def explicit_attention(q, k, v, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v with the (Tq, Tk) scores in memory, as in the paper."""
     # q: (..., H, Tq, hd), k, v: (..., Hkv, Tk, hd) -> (..., H, Tq, hd)
-    groups = q.size(-3) // k.size(-3)
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    k, v = repeat_kv(k, v, q.size(-3))
     scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -282,7 +289,7 @@ BLOCK_ROWS = 128
 def prefer_blocks(q: torch.Tensor, t_k: int) -> bool:
     if q.device.type != "cpu" or t_k > BLOCK_MAX_LEN:
         return False
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    dtype = compute_dtype(q)
     return dtype == torch.bfloat16 or (dtype == torch.float32 and torch.is_grad_enabled() and q.requires_grad)
 
 
@@ -290,13 +297,9 @@ def block_causal_attention(q, k, v, rows: int = BLOCK_ROWS) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + causal mask) v, computed for `rows` queries at a time against
     the keys up to the block's last query."""
     # q: (B, H, T, hd), k, v: (B, Hkv, T, hd) -> (B, H, T, hd)
-    groups = q.size(-3) // k.size(-3)
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    # As one op under autocast: the inputs in its dtype, then no autocast inside, so that the
-    # backward pass (which runs without autocast) meets the forward's dtypes
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-    with torch.autocast("cpu", enabled=False):
+    k, v = repeat_kv(k, v, q.size(-3))
+    dtype = compute_dtype(q)  # one op under autocast (see compute_dtype)
+    with torch.autocast(q.device.type, enabled=False):
         return _BlockCausalAttention.apply(q.to(dtype), k.to(dtype).contiguous(), v.to(dtype).contiguous(), rows)
 
 

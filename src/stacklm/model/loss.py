@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from stacklm.device import compute_dtype
+
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 256  # rows of logits in flight: 8 MB of float32 at a vocabulary of 8192
 
@@ -78,8 +80,7 @@ def linear_cross_entropy(hidden: torch.Tensor, proj: torch.Tensor, targets: torc
     hidden: (..., D), proj: (V, D), targets: (...). Under autocast the matmuls run in the autocast
     dtype and the log-softmax in float32, as `F.cross_entropy(F.linear(hidden, proj).float(), ...)`.
     """
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden.flatten(0, -2).to(dtype), proj.to(dtype),
                                          targets.flatten(), ignore_index, chunk)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stacklm.device import compute_dtype
 from stacklm.errors import UserError
 from stacklm.model.ffn import SwiGLUConfig
 from stacklm.registry import FFN, ComponentConfig, option
@@ -117,8 +118,7 @@ class GroupedSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # x: (M, D) sorted by expert, counts: (E,) -> (M, D)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        device, dtype = x.device.type, compute_dtype(x)
         x, w_in, w_out = x.to(dtype), self.gate_up_proj.to(dtype), self.out_proj.to(dtype)
         # torch.compile's shape check for _grouped_mm admits only bf16, though eager CPU runs float32
         grouped_ok = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
