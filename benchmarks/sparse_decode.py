@@ -9,7 +9,9 @@
    ms/token is one decode step: (time to generate n tokens - time to generate 1) / (n - 1), median of
    the rounds. The bound of each model is the bytes a token must read (every weight matrix, but
    only the chosen d_ff / N rows of the sparse FFN's two matrices, one embedding row, the KV cache)
-   over the read bandwidth measured in the same round (a sum over 1 GiB).
+   over the read bandwidth measured in the same round (a sum over 1 GiB). The sparse models run
+   with stacklm's fused CPU kernels for a one-token step (model/cpu_kernels.py); the row "sparse
+   FFN+QKV, PyTorch ops" is the same model with them turned off.
 2. Training step time (forward, backward, AdamW) of the three twins at the preset size.
 3. Quality: the presets configs/scaling-transformer-{dense,sparse-ffn,sparse}.yaml trained for the
    same steps and seed on the default corpus; validation loss and bits per byte.
@@ -22,6 +24,8 @@ All timed calls take turns (A B A B ...); each ratio is the median of the per-ro
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import tempfile
 
 import torch
@@ -38,6 +42,7 @@ from benchmarks.common import (
     table,
 )
 from stacklm.device import keep_freed_memory_on_cpu
+from stacklm.model import cpu_kernels
 from stacklm.model.ffn_sparse import SparseFFN
 from stacklm.training.optim import param_groups
 
@@ -48,6 +53,7 @@ VARIANTS = {"dense": ("swiglu", "dense"), "sparse FFN": ("sparse", "dense"),
             "sparse FFN+QKV": ("sparse", "multiplicative_conv")}
 PRESETS = {"dense": "dense", "sparse FFN": "sparse-ffn", "sparse FFN+QKV": "sparse"}
 PROBE_BYTES = 1 << 30
+PYTORCH_OPS = "sparse FFN+QKV, PyTorch ops"  # the same model with stacklm's CPU kernels turned off
 
 
 def model_config(d_model, n_layers, n_heads, d_ff, vocab, block_size, ffn="swiglu", qkv="dense"):
@@ -91,6 +97,11 @@ def decode_bytes(model, context: int) -> int:
     return total + 2 * m.n_layers * context * m.kv_heads * m.head_dim * p.element_size()
 
 
+def generate(model, prompt, n: int, compile: bool, kernels: bool) -> None:
+    with contextlib.nullcontext() if kernels else cpu_kernels.disabled():
+        stacklm.generate(model, prompt, n, temperature=0, compile=compile)
+
+
 def decode(cases, rounds: int, prompt_len: int = 16) -> tuple[list, dict]:
     rows, figures = [], {}
     probe = torch.ones(PROBE_BYTES // 4)
@@ -98,21 +109,21 @@ def decode(cases, rounds: int, prompt_len: int = 16) -> tuple[list, dict]:
         torch._dynamo.reset()  # a compiled step per model; drop the previous case's
         models = {name: stacklm.build_model(twin(dims, *kinds)).eval().to(dtype)
                   for name, kinds in VARIANTS.items()}
+        runs = {name: (model, True) for name, model in models.items()}
+        if cpu_kernels.load():  # and the sparse model without them, for comparison
+            runs[PYTORCH_OPS] = models["sparse FFN+QKV"], False
         prompt = torch.randint(0, dims["vocab"], (1, prompt_len))
-        calls = {}
-        for name, model in models.items():
-            for impl, compile in (("eager", False), ("compiled", True)):
-                for n in (new_tokens, 1):
-                    calls[name, impl, n] = (lambda m=model, p=prompt, n=n, c=compile:
-                                            stacklm.generate(m, p, n, temperature=0, compile=c))
+        calls = {(name, impl, n): functools.partial(generate, model, prompt, n, compile, kernels)
+                 for name, (model, kernels) in runs.items()
+                 for impl, compile in (("eager", False), ("compiled", True)) for n in (new_tokens, 1)}
         times = alternate({**calls, "probe": probe.sum}, rounds)  # the warmup compiles each step
         case = f"{label} {str(dtype).removeprefix('torch.')}"
         context = prompt_len + new_tokens // 2
         for impl in ("eager", "compiled"):
             steps = {name: [(t - t1) / (new_tokens - 1) for t, t1 in
                             zip(times[name, impl, new_tokens], times[name, impl, 1], strict=True)]
-                     for name in models}
-            for name, model in models.items():
+                     for name in runs}
+            for name, (model, _) in runs.items():
                 bound = [decode_bytes(model, context) * t / PROBE_BYTES for t in times["probe"]]
                 to_bound = median([s / b for s, b in zip(steps[name], bound, strict=True)])
                 ratio = speedup(steps["dense"], steps[name])

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from stacklm.config import Config
+from stacklm.model import cpu_kernels
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +26,16 @@ def tiny(tmp_path, cache_dir):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["pytorch", "fused"])
+def kernels(request):
+    """One-token inference steps through PyTorch ops, or through stacklm's fused CPU kernels
+    (model/csrc/; skipped where they do not build)."""
+    if request.param == "pytorch":
+        with cpu_kernels.disabled():
+            yield request.param
+        return
+    if not cpu_kernels.load():
+        pytest.skip("the CPU kernels did not build here")
+    yield request.param

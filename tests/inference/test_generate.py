@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from stacklm.config import Config
@@ -6,8 +7,8 @@ from stacklm.inference.generate import compiled_decode_step
 from stacklm.model.transformer import build_model
 
 
-def model():
-    return build_model(Config.load("configs/tiny.yaml")).eval()
+def model(*overrides):
+    return build_model(Config.load("configs/tiny.yaml", list(overrides))).eval()
 
 
 def test_greedy_generation_equals_argmax_of_full_forward():
@@ -53,9 +54,12 @@ def test_seeded_sampling_is_reproducible():
     assert a.equal(b)
 
 
-def test_compiled_decode_step_matches_eager():
-    """compile=True: the compiled one-token step gives the eager logits at every cache length."""
-    m = model()
+@pytest.mark.parametrize("overrides", [(), ("model.ffn.kind=sparse", "model.ffn.block_size=8",
+                                           "model.attention.qkv=multiplicative_conv")])
+def test_compiled_decode_step_matches_eager(overrides):
+    """compile=True: the compiled one-token step gives the eager logits at every cache length (the
+    sparse model's step with the fused sparse FFN kernel where it builds)."""
+    m = model(*overrides)
     prompt = torch.randint(0, 512, (1, 6))
     eager = generate(m, prompt, 24, temperature=0)
     assert generate(m, prompt, 24, temperature=0, compile=True).equal(eager)

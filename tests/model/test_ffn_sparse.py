@@ -5,6 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stacklm.config import Config
 from stacklm.errors import UserError
+from stacklm.model import cpu_kernels
 from stacklm.model.ffn_sparse import SparseFFN
 from stacklm.model.transformer import build_model
 
@@ -26,12 +27,14 @@ def reference(ffn: SparseFFN, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (4, 1), (2, 5), (8, 64)])
-def test_eval_paths_equal_the_masked_dense_layer(bias, shape):
-    """One token (gather), a few (union gather), many (masked dense): all compute the same."""
+def test_eval_paths_equal_the_masked_dense_layer(bias, shape, kernels):
+    """One token (gather or fused kernel), a few (union gather), many (masked dense): all compute
+    the same."""
     ffn = sparse_ffn(f"model.ffn.bias={str(bias).lower()}").eval()
     if bias:
         torch.nn.init.normal_(ffn.in_bias)
         torch.nn.init.normal_(ffn.out_bias)
+        torch.nn.init.normal_(ffn.controller_up.bias)
     x = torch.randn(*shape, D)
     with torch.no_grad():
         torch.testing.assert_close(ffn(x), reference(ffn, x), atol=1e-5, rtol=1e-4)
@@ -58,7 +61,7 @@ def test_decoding_reads_only_the_chosen_units(rows):
     """W1: gathered rows of the chosen units (for a batch, the union); W2: each token's own rows."""
     ffn = sparse_ffn().eval()
     x = torch.randn(rows, 1, D)
-    with torch.no_grad(), WeightReads({"W1": ffn.in_proj, "W2": ffn.out_proj}) as mode:
+    with cpu_kernels.disabled(), torch.no_grad(), WeightReads({"W1": ffn.in_proj, "W2": ffn.out_proj}) as mode:
         ffn(x)
         units = ffn.controller(x).argmax(-1) + ffn.block_start  # (rows, 1, d_ff / N)
     assert sorted(name for name, *_ in mode.reads) == ["W1", "W2"]
@@ -71,6 +74,44 @@ def test_decoding_reads_only_the_chosen_units(rows):
             assert "embedding_bag" in op, f"W2 read whole by {op}"
             assert torch.equal(args[1].reshape(rows, -1), units.reshape(rows, -1))
     assert units.unique().numel() <= rows * D_FF // N
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_step_reads_no_other_rows(dtype, kernels):
+    """Every row of W1 and W2 but the chosen units' set to NaN: the output does not change."""
+    ffn = sparse_ffn("model.ffn.bias=true").eval().to(dtype)
+    torch.nn.init.normal_(ffn.in_bias)
+    x = torch.randn(1, 1, D, dtype=dtype)
+    with torch.no_grad():
+        clean = ffn(x)
+        unchosen = torch.ones(D_FF, dtype=torch.bool)
+        unchosen[(ffn.controller(x).argmax(-1) + ffn.block_start).flatten()] = False
+        for weight in (ffn.in_proj, ffn.out_proj, ffn.in_bias):
+            weight[unchosen] = float("nan")
+        torch.testing.assert_close(ffn(x), clean, atol=0, rtol=0)
+    assert clean.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size, rank", [(64, 16), (24, 32), (12, 3)])
+def test_fused_kernel_equals_the_pytorch_path(dtype, block_size, rank):
+    """The fused one-token kernel against the gather path: same units chosen, same output up to the
+    order of float32 sums. Ranks that are multiples of 16 take its vectorised controller (in
+    groups of 16 units, the rest of a block one by one), others its plain loop."""
+    if not cpu_kernels.load():
+        pytest.skip("the CPU kernels did not build here")
+    ffn = sparse_ffn(f"model.ffn.block_size={block_size}", f"model.ffn.d_lowrank={rank}",
+                     "model.d_ff=768").eval()
+    torch.nn.init.normal_(ffn.controller_up.weight)  # the choice depends on z as much as on the bias
+    torch.nn.init.normal_(ffn.controller_up.bias)
+    ffn.to(dtype)
+    x = torch.randn(20, 1, 1, D, dtype=dtype)
+    with torch.no_grad():
+        fused = torch.cat([ffn(row) for row in x])
+        with cpu_kernels.disabled():
+            plain = torch.cat([ffn(row) for row in x])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused, plain, atol=tol * plain.abs().max().item(), rtol=0)
 
 
 def test_large_batches_compute_every_unit():

@@ -67,16 +67,26 @@ def test_conv_reaches_length_kernel_positions_back_and_3_modules_across():
         assert torch.equal(changed, expect), name
 
 
-def test_conv_decode_state_keeps_the_last_inputs():
-    proj = projections("multiplicative_conv").eval()
-    x = torch.randn(2, 9, D)
-    state = proj.new_state(2, torch.float32, "cpu")
+@pytest.mark.parametrize("batch", [1, 2])  # one sequence: the fused kernel's case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [(), ("model.attention.bias=true", "model.attention.length_kernel=4"),
+                                       ("model.attention.length_kernel=1",)])
+def test_conv_decode_state_keeps_the_last_inputs(batch, dtype, overrides, kernels):
+    """One token at a time with the decode state gives the whole sequence's q, k, v."""
+    proj = projections("multiplicative_conv", *overrides).eval()
+    for p in proj.parameters():
+        if p.dim() == 1:
+            torch.nn.init.normal_(p)  # the biases
+    proj.to(dtype)
+    x = torch.randn(batch, 9, D, dtype=dtype)
+    state = proj.new_state(batch, dtype, "cpu")
     with torch.no_grad():
         full = proj(x)
         steps = [proj(x[:, :4], state)] + [proj(x[:, i : i + 1], state) for i in range(4, 9)]
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for whole, parts in zip(full, zip(*steps, strict=True), strict=True):
-        torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-6, rtol=1e-5)
-    assert state.frames.shape == (2, 2, D)
+        torch.testing.assert_close(torch.cat(parts, dim=1), whole, **tol)
+    assert state.frames.shape == (batch, proj.length_kernel - 1, D)
 
 
 def test_sparse_qkv_needs_a_kv_head_per_head():

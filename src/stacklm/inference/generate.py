@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from stacklm.model import cpu_kernels
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -75,6 +77,7 @@ def compiled_decode_step(model) -> Callable:
     token is little else: on a 2-core Zen 4, MKL's matrix-vector product read the weights at
     10 GB/s, Inductor's fused reduction at 27, of a measured 30 GB/s memory bandwidth.
     """
+    cpu_kernels.load()  # before tracing: the traced graph uses them only if they are loaded
     return functools.partial(_compiled_forward(), model)
 
 

@@ -20,7 +20,9 @@ changes the training dynamics, not the function class; `output_multiplier: 1.0` 
 
 Decoding reads only the chosen units: for one token d_ff / N rows of W1 and of W2 (both stored
 unit-major, (d_ff, D), so a unit's weights are one contiguous row); for a batch, W1's rows for the
-union of the units any token chose, read once, and each token's own rows of W2.
+union of the units any token chose, read once, and each token's own rows of W2. On the CPU a
+one-token inference step is one fused kernel - controller, choice and both gathers - written in
+C++ (csrc/sparse_ffn.cpp, built by cpu_kernels.py), with these PyTorch ops as its fallback.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stacklm.errors import UserError
+from stacklm.model import cpu_kernels
 from stacklm.registry import FFN, ComponentConfig, option
 
 
@@ -97,11 +100,16 @@ class SparseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, decoding: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, T, D)
+        rows = x.numel() // x.size(-1)
+        if rows == 1 and cpu_kernels.applies(x, self.in_proj, self.training):
+            y = torch.ops.stacklm.sparse_ffn_decode(
+                x.reshape(-1), self.controller_down.weight, self.controller_up.weight, self.controller_up.bias,
+                self.in_proj, self.in_bias, self.out_proj, self.block_size)
+            return self.finish(y.view_as(x))
         logits = self.controller(x)
         if self.training:
             return self.masked(x, self.training_mask(logits))
         choice = logits.argmax(dim=-1)  # (B, T, d_ff / N), the unit within each block
-        rows = x.numel() // x.size(-1)
         if rows == 1:
             return self.gathered_one(x, choice + self.block_start)
         if rows * self.n_blocks <= GATHER_MAX_SHARE * self.d_ff:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stacklm.model import cpu_kernels
 from stacklm.registry import QKV
 
 
@@ -123,6 +124,8 @@ class MultiplicativeConvQKV(nn.Module):
     def forward(self, x: torch.Tensor, state: ConvState | None = None):
         # x: (B, T, D) -> q, k, v: (B, T, D)
         b, t, d = x.shape
+        if b == t == 1 and state is not None and cpu_kernels.applies(x, self.qk_conv, self.training):
+            return self.decode_fused(x, state)
         y = self.shared(x)
         before = state.frames if state is not None else y.new_zeros(b, self.length_kernel - 1, d)
         frames = torch.cat([before.to(y.dtype), y], dim=1)  # (B, length_kernel - 1 + T, D)
@@ -132,6 +135,17 @@ class MultiplicativeConvQKV(nn.Module):
         q, k = local_conv(grid, self.qk_conv, self.qk_conv_bias).chunk(2, dim=-1)  # (B, T, S, M) each
         v = local_conv(grid, self.v_conv, self.v_conv_bias)
         return q.reshape(b, t, d), k.reshape(b, t, d), v.reshape(b, t, d)
+
+    def decode_fused(self, x: torch.Tensor, state: ConvState):
+        """One token, one sequence: the same computation as one fused CPU kernel
+        (csrc/multiplicative_conv.cpp)."""
+        d = x.size(-1)
+        y, qk, v = torch.ops.stacklm.multiplicative_conv_decode(
+            x.reshape(-1), self.shared.multiplier, self.shared.weight, self.shared.bias,
+            state.frames.reshape(-1, d), self.qk_conv, self.qk_conv_bias, self.v_conv, self.v_conv_bias)
+        state.frames = torch.cat([state.frames, y.view(1, 1, d)], dim=1)[:, 1:]
+        q, k = qk.view(1, 1, self.sparsity, 2, self.d_module).unbind(3)
+        return q.reshape(1, 1, d), k.reshape(1, 1, d), v.view(1, 1, d)
 
     def out(self, y: torch.Tensor) -> torch.Tensor:
         return y  # the paper's sparse QKV has no output projection

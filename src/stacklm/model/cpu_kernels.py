@@ -1,0 +1,93 @@
+"""Hand-written CPU kernels (csrc/), compiled with the machine's C++ compiler on first use.
+
+Only what no PyTorch op does well is here, and each has a plain-PyTorch path beside it that gives
+the same result: if the build fails (no compiler, no ninja) stacklm warns once and uses that path.
+`STACKLM_CPU_KERNELS=0` in the environment, or `with cpu_kernels.disabled():`, turns them off
+(for A/B comparisons and for debugging).
+
+- `stacklm::sparse_ffn_decode`: one token through the sparse FFN (model/ffn_sparse.py).
+- `stacklm::multiplicative_conv_decode`: one token through the sparse q/k/v
+  (model/qkv_sparse.py, `multiplicative_conv`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "sparse_ffn.cpp", CSRC / "multiplicative_conv.cpp"]
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # those the kernels are built for
+# Module state read by the models' forward (Dynamo guards on it): whether the library is loaded,
+# and whether it may be used now.
+loaded = False
+enabled = os.environ.get("STACKLM_CPU_KERNELS", "1") != "0"
+_tried = False
+
+
+def available() -> bool:
+    """Whether the kernels may be used; outside torch.compile, builds and loads them on first call.
+    A compiled function sees them only if they were loaded before it was traced."""
+    if torch.compiler.is_compiling():
+        return loaded and enabled
+    return enabled and load()
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, training: bool) -> bool:
+    """Whether a one-token step with input x may take a kernel: inference only (they have no
+    backward), on the CPU, in the weights' dtype and without autocast (they compute in that dtype)."""
+    return (not training and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == weight.dtype and x.dtype in DTYPES
+            and not torch.is_autocast_enabled("cpu") and available())
+
+
+def load() -> bool:
+    """Build (once per machine and source: PyTorch caches the library) and load the kernels; True
+    if they are loaded."""
+    global loaded, _tried
+    if _tried or not enabled:
+        return loaded
+    _tried = True
+    from torch.utils import cpp_extension
+
+    # -march=native: the build is for this machine; the name carries its vector ISA, so a cache
+    # directory shared by machines of different kinds keeps one build for each, and a hash of the
+    # sources with the header (PyTorch's own check reads only the .cpp files).
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()))).hexdigest()[:12]
+    name = f"stacklm_cpu_kernels_{torch.backends.cpu.get_cpu_capability().lower()}_{digest}"
+    try:
+        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:  # noqa: BLE001 - any failure to build means the PyTorch path
+        warnings.warn(f"stacklm's CPU kernels did not build ({type(e).__name__}: {e}); using the "
+                      "slower PyTorch ops instead", stacklevel=2)
+        return False
+    torch.library.register_fake("stacklm::sparse_ffn_decode")(_sparse_ffn_decode_shape)
+    torch.library.register_fake("stacklm::multiplicative_conv_decode")(_multiplicative_conv_decode_shape)
+    loaded = True
+    return True
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside the block, the PyTorch paths only (already compiled functions recompile)."""
+    global enabled
+    before, enabled = enabled, False
+    try:
+        yield
+    finally:
+        enabled = before
+
+
+def _sparse_ffn_decode_shape(x, c1, c2, c, w1, b1, w2, block_size):
+    return x.new_empty(x.shape)
+
+
+def _multiplicative_conv_decode_shape(x, multiplier, weight, bias, frames, qk_weight, qk_bias, v_weight, v_bias):
+    s, m = multiplier.size(0), weight.size(0)
+    return x.new_empty(s * m), x.new_empty(s, 2 * m), x.new_empty(s, m)

@@ -1,0 +1,81 @@
+// Helpers shared by stacklm's CPU kernels: float32 accumulation over float32 or bfloat16 inputs.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace stacklm {
+
+// v rounded to T, as a PyTorch op computing in T returns it
+template <typename T>
+inline float rounded(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// The loops take their pointers as restrict arguments: read through a kernel's lambda captures,
+// the compiler reloaded them every iteration and vectorised with gathers (3x slower).
+template <typename A, typename B>
+inline float dot_product(const A* __restrict__ a, const B* __restrict__ b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<float>(a[i]) * static_cast<float>(b[i]);
+  return sum;
+}
+
+// a's dot products with 8 rows, rows[r * stride ...]: 8 independent sums keep the FMA units busy,
+// where one long dot product waits on its own additions.
+template <typename A, typename B>
+inline void dot_products8(const A* __restrict__ a, const B* __restrict__ rows, int64_t stride, int64_t n,
+                          float* __restrict__ out) {
+  const B* __restrict__ r0 = rows;
+  const B* __restrict__ r1 = rows + stride;
+  const B* __restrict__ r2 = rows + 2 * stride;
+  const B* __restrict__ r3 = rows + 3 * stride;
+  const B* __restrict__ r4 = rows + 4 * stride;
+  const B* __restrict__ r5 = rows + 5 * stride;
+  const B* __restrict__ r6 = rows + 6 * stride;
+  const B* __restrict__ r7 = rows + 7 * stride;
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(a[i]);
+    s0 += v * static_cast<float>(r0[i]);
+    s1 += v * static_cast<float>(r1[i]);
+    s2 += v * static_cast<float>(r2[i]);
+    s3 += v * static_cast<float>(r3[i]);
+    s4 += v * static_cast<float>(r4[i]);
+    s5 += v * static_cast<float>(r5[i]);
+    s6 += v * static_cast<float>(r6[i]);
+    s7 += v * static_cast<float>(r7[i]);
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3, out[4] = s4, out[5] = s5, out[6] = s6, out[7] = s7;
+}
+
+// out[r] = a . rows[r], r < n_rows: eight at a time, then one by one
+template <typename A, typename B>
+inline void dot_products(const A* a, const B* rows, int64_t stride, int64_t n, int64_t n_rows, float* out) {
+  int64_t r = 0;
+  for (; r + 8 <= n_rows; r += 8) dot_products8(a, rows + r * stride, stride, n, out + r);
+  for (; r < n_rows; ++r) out[r] = dot_product(a, rows + r * stride, n);
+}
+
+template <typename T>
+inline void add_scaled(float* __restrict__ acc, float scale, const T* __restrict__ row, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += scale * static_cast<float>(row[i]);
+}
+
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
+}  // namespace stacklm

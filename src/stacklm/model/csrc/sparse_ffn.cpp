@@ -1,0 +1,184 @@
+// One token through the Scaling Transformer's sparse FFN (model/ffn_sparse.py): the low-rank
+// controller, the chosen unit of each block, its row of W1, its row of W2.
+//
+// PyTorch has no fused op for this: its pieces (two small linears, argmax, index_select + linear,
+// embedding_bag) are five kernel calls a layer, each reading a few hundred KB at most, so at
+// batch 1 their fixed costs outweigh their reads. Here one parallel region does it all: each
+// thread takes a share of the blocks, reads only their controller rows and chosen rows of W1 and
+// W2, and keeps a partial output; the partials are summed at the end.
+//
+// Rounding follows the unfused path: the controller's two outputs and h are rounded to the
+// model's dtype, as its linear layers return them; sums are accumulated in float32.
+
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using stacklm::add_scaled;
+using stacklm::dot_product;
+using stacklm::rounded;
+
+// Gathered rows are a page (4 KB) or two each, scattered over the matrix: the hardware prefetcher
+// stops at page boundaries, so the rows a few steps ahead are requested explicitly.
+constexpr int64_t kAhead = 2;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
+template <typename T>
+struct SparseFFN {
+  const T* x;   // (D)
+  const T* c1;  // controller_down (R, D)
+  const T* c2;  // controller_up (d_ff, R)
+  const T* c;   // its bias (d_ff)
+  const T* w1;  // (d_ff, D)
+  const T* b1;  // (d_ff) or null
+  const T* w2;  // (d_ff, D)
+  int64_t d_model, rank, n_blocks, block_size;
+
+  // The controller's logits for block b: each unit's row of C2 (R values) against z, plus c.
+  void block_logits(int64_t b, const float* z, float* out) const {
+    int64_t j = 0;
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+      if (rank % 16 == 0)
+        for (; j + 16 <= block_size; j += 16) logits16(c2 + (b * block_size + j) * rank, z, out + j);
+    }
+#endif
+    for (; j < block_size; ++j) out[j] = dot_product(z, c2 + (b * block_size + j) * rank, rank);
+    for (j = 0; j < block_size; ++j) out[j] = rounded<T>(out[j] + static_cast<float>(c[b * block_size + j]));
+  }
+
+#ifdef __AVX512F__
+  // 16 units' logits at once. Each unit's products with z fill a vector whose lanes must be summed;
+  // summing them one unit at a time was most of the kernel's time, so the 16 vectors are
+  // transposed and added together in four rounds of shuffles.
+  void logits16(const T* rows, const float* z, float* out) const {
+    __m512 a[16];
+    for (int u = 0; u < 16; ++u) {
+      a[u] = _mm512_setzero_ps();
+      for (int64_t r = 0; r < rank; r += 16)
+        a[u] = _mm512_fmadd_ps(stacklm::load16(rows + u * rank + r), _mm512_loadu_ps(z + r), a[u]);
+    }
+    // per 128-bit lane: pairs of units, then fours
+    __m512 b[8], c[4];
+    for (int k = 0; k < 8; ++k)
+      b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    for (int k = 0; k < 4; ++k) {
+      const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * k]), _mm512_castps_pd(b[2 * k + 1]));
+      const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * k]), _mm512_castps_pd(b[2 * k + 1]));
+      c[k] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    // lane k of c[i] holds units 4i..4i+3 summed over lane k: add the four lanes
+    constexpr int even = 0 | (2 << 2) | (0 << 4) | (2 << 6), odd = 1 | (3 << 2) | (1 << 4) | (3 << 6);
+    const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], even), _mm512_shuffle_f32x4(c[0], c[1], odd));
+    const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], even), _mm512_shuffle_f32x4(c[2], c[3], odd));
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, even), _mm512_shuffle_f32x4(e01, e23, odd)));
+  }
+#endif
+
+  // The chosen unit of block b: argmax as torch.argmax's, the first maximum, NaN above all.
+  int64_t choose(int64_t b, const float* z, float* logits) const {
+    block_logits(b, z, logits);
+    int64_t best = 0;
+    for (int64_t j = 1; j < block_size; ++j) {
+      const float v = logits[j], top = logits[best];
+      if (v > top || (std::isnan(v) && !std::isnan(top))) best = j;
+    }
+    return b * block_size + best;
+  }
+
+  // Blocks [begin, end) added into acc (D).
+  void run(int64_t begin, int64_t end, float* acc) const {
+    // z = C1 x: R small dot products, done by every thread rather than shared through a barrier
+    std::vector<T> z(rank);
+    for (int64_t r = 0; r < rank; ++r) z[r] = static_cast<T>(dot_product(x, c1 + r * d_model, d_model));
+    std::vector<float> zf(z.begin(), z.end());
+    const int64_t n = end - begin;
+    std::vector<int64_t> units(n);
+    std::vector<float> h(n);
+    std::vector<float> logits(block_size);
+    for (int64_t k = 0; k < n; ++k) units[k] = choose(begin + k, zf.data(), logits.data());
+    for (int64_t k = 0; k < std::min(n, kAhead); ++k) prefetch_row(w1 + units[k] * d_model, d_model);
+    for (int64_t k = 0; k < n; ++k) {
+      if (k + kAhead < n) prefetch_row(w1 + units[k + kAhead] * d_model, d_model);
+      float dot = dot_product(x, w1 + units[k] * d_model, d_model);
+      if (b1 != nullptr) dot += static_cast<float>(b1[units[k]]);
+      h[k] = rounded<T>(dot);
+    }
+    // relu: units with h <= 0 add nothing and their rows of W2 are not read (a NaN passes on, as
+    // torch.relu's does)
+    int64_t live = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      if (!(h[k] <= 0.0f)) {
+        units[live] = units[k];
+        h[live++] = h[k];
+      }
+    }
+    for (int64_t k = 0; k < std::min(live, kAhead); ++k) prefetch_row(w2 + units[k] * d_model, d_model);
+    for (int64_t k = 0; k < live; ++k) {
+      if (k + kAhead < live) prefetch_row(w2 + units[k + kAhead] * d_model, d_model);
+      add_scaled(acc, h[k], w2 + units[k] * d_model, d_model);
+    }
+  }
+};
+
+template <typename T>
+void sparse_ffn_one(const SparseFFN<T>& layer, T* out) {
+  const int64_t d = layer.d_model;
+  const int threads = at::get_num_threads();
+  std::vector<float> partial(static_cast<size_t>(threads) * d, 0.0f);
+  // A grain of 8 blocks keeps both threads of a small machine busy down to 16 blocks.
+  at::parallel_for(0, layer.n_blocks, 8, [&](int64_t begin, int64_t end) {
+    layer.run(begin, end, partial.data() + static_cast<size_t>(at::get_thread_num()) * d);
+  });
+  for (int64_t i = 0; i < d; ++i) {
+    float sum = 0.0f;
+    for (int t = 0; t < threads; ++t) sum += partial[static_cast<size_t>(t) * d + i];
+    out[i] = static_cast<T>(sum);
+  }
+}
+
+at::Tensor sparse_ffn_decode(const at::Tensor& x, const at::Tensor& c1, const at::Tensor& c2,
+                             const at::Tensor& c, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                             const at::Tensor& w2, int64_t block_size) {
+  // x: (D), c1: (R, D), c2: (d_ff, R), c: (d_ff), w1 and w2: (d_ff, D), b1: (d_ff) -> (D)
+  const int64_t d = x.size(-1), d_ff = w1.size(0), rank = c1.size(0);
+  TORCH_CHECK(x.dim() == 1 && c1.sizes() == at::IntArrayRef({rank, d}) && c2.sizes() == at::IntArrayRef({d_ff, rank}) &&
+                  c.sizes() == at::IntArrayRef({d_ff}) && w1.sizes() == at::IntArrayRef({d_ff, d}) &&
+                  w2.sizes() == w1.sizes() && (!b1.has_value() || b1->sizes() == c.sizes()),
+              "sparse_ffn_decode: the shapes of x, the controller and the weights disagree");
+  TORCH_CHECK(block_size > 0 && d_ff % block_size == 0, "sparse_ffn_decode: block_size must divide d_ff");
+  for (const at::Tensor* t : {&c1, &c2, &c, &w1, &w2})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "sparse_ffn_decode: every tensor must have x's dtype");
+  TORCH_CHECK(!b1.has_value() || b1->scalar_type() == x.scalar_type(), "sparse_ffn_decode: b1 must have x's dtype");
+  const at::Tensor xc = x.contiguous(), c1c = c1.contiguous(), c2c = c2.contiguous(), cc = c.contiguous(),
+                   w1c = w1.contiguous(), w2c = w2.contiguous();
+  const at::Tensor b1c = b1.has_value() ? b1->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "sparse_ffn_decode", [&] {
+    const SparseFFN<scalar_t> layer{xc.data_ptr<scalar_t>(), c1c.data_ptr<scalar_t>(), c2c.data_ptr<scalar_t>(),
+                                    cc.data_ptr<scalar_t>(), w1c.data_ptr<scalar_t>(),
+                                    b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr, w2c.data_ptr<scalar_t>(),
+                                    d, rank, d_ff / block_size, block_size};
+    sparse_ffn_one(layer, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(stacklm, m) {
+  m.def("sparse_ffn_decode(Tensor x, Tensor c1, Tensor c2, Tensor c, Tensor w1, Tensor? b1, Tensor w2, "
+        "int block_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(stacklm, CPU, m) { m.impl("sparse_ffn_decode", &sparse_ffn_decode); }
