@@ -1,5 +1,8 @@
+import shutil
+
 import pytest
 import torch
+from torch.utils.cpp_extension import is_ninja_available
 
 from stacklm.config import Config
 from stacklm.model import cpu_kernels
@@ -36,6 +39,15 @@ def kernels(request):
         with cpu_kernels.disabled():
             yield request.param
         return
-    if not cpu_kernels.load():
-        pytest.skip("the CPU kernels did not build here")
+    require_cpu_kernels()
     yield request.param
+
+
+def require_cpu_kernels() -> None:
+    """Load the CPU kernels; fail if they do not build where a compiler and ninja are present,
+    skip where they are not (or where STACKLM_CPU_KERNELS=0 turns them off)."""
+    if cpu_kernels.load():
+        return
+    if cpu_kernels.enabled and shutil.which("c++") and is_ninja_available():
+        pytest.fail("the CPU kernels did not build, though a C++ compiler and ninja are here")
+    pytest.skip("no C++ compiler or ninja here, or STACKLM_CPU_KERNELS=0")

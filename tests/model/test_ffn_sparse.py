@@ -8,6 +8,7 @@ from stacklm.errors import UserError
 from stacklm.model import cpu_kernels
 from stacklm.model.ffn_sparse import SparseFFN
 from stacklm.model.transformer import build_model
+from tests.conftest import require_cpu_kernels
 
 D, D_FF, N = 48, 384, 16  # 24 blocks of 16 units
 
@@ -98,8 +99,7 @@ def test_fused_kernel_equals_the_pytorch_path(dtype, block_size, rank):
     """The fused one-token kernel against the gather path: same units chosen, same output up to the
     order of float32 sums. Ranks that are multiples of 16 take its vectorised controller (in
     groups of 16 units, the rest of a block one by one), others its plain loop."""
-    if not cpu_kernels.load():
-        pytest.skip("the CPU kernels did not build here")
+    require_cpu_kernels()
     ffn = sparse_ffn(f"model.ffn.block_size={block_size}", f"model.ffn.d_lowrank={rank}",
                      "model.d_ff=768").eval()
     torch.nn.init.normal_(ffn.controller_up.weight)  # the choice depends on z as much as on the bias
@@ -112,6 +112,14 @@ def test_fused_kernel_equals_the_pytorch_path(dtype, block_size, rank):
             plain = torch.cat([ffn(row) for row in x])
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(fused, plain, atol=tol * plain.abs().max().item(), rtol=0)
+
+
+def test_a_nan_logit_is_chosen_as_torch_argmax_chooses_it(kernels):
+    ffn = sparse_ffn().eval()
+    with torch.no_grad():
+        ffn.controller_up.bias[N + 5] = float("nan")  # unit 5 of block 1
+        x = torch.randn(1, 1, D)
+        torch.testing.assert_close(ffn(x), reference(ffn, x), atol=1e-5, rtol=1e-4)
 
 
 def test_large_batches_compute_every_unit():

@@ -77,7 +77,8 @@ def compiled_decode_step(model) -> Callable:
     token is little else: on a 2-core Zen 4, MKL's matrix-vector product read the weights at
     10 GB/s, Inductor's fused reduction at 27, of a measured 30 GB/s memory bandwidth.
     """
-    cpu_kernels.load()  # before tracing: the traced graph uses them only if they are loaded
+    if next(model.parameters()).device.type == "cpu":
+        cpu_kernels.load()  # before tracing: the traced graph uses them only if they are loaded
     return functools.partial(_compiled_forward(), model)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "sparse_ffn.cpp", CSRC / "multiplicative_conv.cpp"]
-DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # those the kernels are built for
+DTYPES = (torch.float32, torch.bfloat16)  # those the kernels are built for (they accumulate in float32)
 # Module state read by the models' forward (Dynamo guards on it): whether the library is loaded,
 # and whether it may be used now.
 loaded = False
@@ -55,13 +56,8 @@ def load() -> bool:
     _tried = True
     from torch.utils import cpp_extension
 
-    # -march=native: the build is for this machine; the name carries its vector ISA, so a cache
-    # directory shared by machines of different kinds keeps one build for each, and a hash of the
-    # sources with the header (PyTorch's own check reads only the .cpp files).
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()))).hexdigest()[:12]
-    name = f"stacklm_cpu_kernels_{torch.backends.cpu.get_cpu_capability().lower()}_{digest}"
     try:
-        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        cpp_extension.load(_build_name(), [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # noqa: BLE001 - any failure to build means the PyTorch path
         warnings.warn(f"stacklm's CPU kernels did not build ({type(e).__name__}: {e}); using the "
@@ -71,6 +67,20 @@ def load() -> bool:
     torch.library.register_fake("stacklm::multiplicative_conv_decode")(_multiplicative_conv_decode_shape)
     loaded = True
     return True
+
+
+def _build_name() -> str:
+    """The build's name in PyTorch's cache: it is compiled with -march=native, so the name holds a
+    hash of this CPU's model and instruction-set flags (a home directory shared by different
+    machines keeps one build for each), and of the sources with their header (PyTorch's own check
+    reads only the .cpp files)."""
+    cpu = b""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_bytes().splitlines()
+        cpu = b"".join(sorted({line for line in lines if line.startswith((b"flags", b"model name"))}))
+    sources = b"".join(f.read_bytes() for f in sorted(CSRC.glob("*.[ch]*")))
+    digest = hashlib.sha256(cpu + platform.machine().encode() + sources).hexdigest()[:16]
+    return f"stacklm_cpu_kernels_{digest}"
 
 
 @contextlib.contextmanager

@@ -124,7 +124,8 @@ class MultiplicativeConvQKV(nn.Module):
     def forward(self, x: torch.Tensor, state: ConvState | None = None):
         # x: (B, T, D) -> q, k, v: (B, T, D)
         b, t, d = x.shape
-        if b == t == 1 and state is not None and cpu_kernels.applies(x, self.qk_conv, self.training):
+        if (b == t == 1 and state is not None and state.frames.dtype == x.dtype
+                and cpu_kernels.applies(x, self.qk_conv, self.training)):
             return self.decode_fused(x, state)
         y = self.shared(x)
         before = state.frames if state is not None else y.new_zeros(b, self.length_kernel - 1, d)

@@ -9,6 +9,11 @@
 #include <immintrin.h>
 #endif
 
+// The kernels' dtypes: float32 and bfloat16. They accumulate in float32, too little for a float64
+// model, which keeps the PyTorch path.
+#define STACKLM_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 namespace stacklm {
 
 // v rounded to T, as a PyTorch op computing in T returns it

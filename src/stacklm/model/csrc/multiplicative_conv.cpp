@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multiplicative_conv_decode(
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({S * M}, x.options()), qk = at::empty({S, 2 * M}, x.options()),
              v = at::empty({S, M}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "multiplicative_conv_decode", [&] {
+  STACKLM_DISPATCH(x.scalar_type(), "multiplicative_conv_decode", [&] {
     const MultiplicativeConv<scalar_t> layer{
         xc.data_ptr<scalar_t>(), mc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
         bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, fc.data_ptr<scalar_t>(), qkwc.data_ptr<scalar_t>(),

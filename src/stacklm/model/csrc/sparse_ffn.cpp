@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -48,10 +47,8 @@ struct SparseFFN {
   void block_logits(int64_t b, const float* z, float* out) const {
     int64_t j = 0;
 #ifdef __AVX512F__
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-      if (rank % 16 == 0)
-        for (; j + 16 <= block_size; j += 16) logits16(c2 + (b * block_size + j) * rank, z, out + j);
-    }
+    if (rank % 16 == 0)
+      for (; j + 16 <= block_size; j += 16) logits16(c2 + (b * block_size + j) * rank, z, out + j);
 #endif
     for (; j < block_size; ++j) out[j] = dot_product(z, c2 + (b * block_size + j) * rank, rank);
     for (j = 0; j < block_size; ++j) out[j] = rounded<T>(out[j] + static_cast<float>(c[b * block_size + j]));
@@ -164,7 +161,7 @@ at::Tensor sparse_ffn_decode(const at::Tensor& x, const at::Tensor& c1, const at
                    w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor b1c = b1.has_value() ? b1->contiguous() : at::Tensor();
   at::Tensor out = at::empty({d}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "sparse_ffn_decode", [&] {
+  STACKLM_DISPATCH(x.scalar_type(), "sparse_ffn_decode", [&] {
     const SparseFFN<scalar_t> layer{xc.data_ptr<scalar_t>(), c1c.data_ptr<scalar_t>(), c2c.data_ptr<scalar_t>(),
                                     cc.data_ptr<scalar_t>(), w1c.data_ptr<scalar_t>(),
                                     b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr, w2c.data_ptr<scalar_t>(),
