@@ -34,7 +34,7 @@ def _seed():
 @pytest.fixture(params=["pytorch", "fused"])
 def kernels(request):
     """One-token inference steps through PyTorch ops, or through stacklm's fused CPU kernels
-    (model/csrc/; skipped where they do not build)."""
+    (model/csrc/; see require_cpu_kernels)."""
     if request.param == "pytorch":
         with cpu_kernels.disabled():
             yield request.param

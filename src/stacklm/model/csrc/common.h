@@ -9,6 +9,9 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
+#include <utility>
+
 // The kernels' dtypes: float32 and bfloat16. They accumulate in float32, too little for a float64
 // model, which keeps the PyTorch path.
 #define STACKLM_DISPATCH(TYPE, NAME, ...) \
@@ -67,6 +70,22 @@ inline void dot_products(const A* a, const B* rows, int64_t stride, int64_t n, i
   int64_t r = 0;
   for (; r + 8 <= n_rows; r += 8) dot_products8(a, rows + r * stride, stride, n, out + r);
   for (; r < n_rows; ++r) out[r] = dot_product(a, rows + r * stride, n);
+}
+
+// fn(t, shares) for t < shares = at::get_num_threads(), in parallel: each thread takes a share of
+// the work, named by its index rather than by the thread that runs it (one thread may run them all)
+template <typename F>
+inline void for_each_share(const F& fn) {
+  const int64_t shares = at::get_num_threads();
+  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fn(t, shares);
+  });
+}
+
+// [begin, end) of share t of n items, in whole multiples of 8 where it can be
+inline std::pair<int64_t, int64_t> share_of(int64_t n, int64_t t, int64_t shares) {
+  const int64_t groups = (n + 7) / 8;
+  return {std::min(n, groups * t / shares * 8), std::min(n, groups * (t + 1) / shares * 8)};
 }
 
 template <typename T>

@@ -13,15 +13,15 @@
 
 #include "common.h"
 
-#include <algorithm>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 namespace {
 
 using stacklm::dot_products;
+using stacklm::for_each_share;
 using stacklm::rounded;
+using stacklm::share_of;
 
 template <typename T>
 struct MultiplicativeConv {
@@ -89,12 +89,6 @@ struct MultiplicativeConv {
   }
 };
 
-// [begin, end) of n for thread t of threads, in whole multiples of 8 where it can
-inline std::pair<int64_t, int64_t> share(int64_t n, int64_t t, int64_t threads) {
-  const int64_t groups = (n + 7) / 8;
-  return {std::min(n, groups * t / threads * 8), std::min(n, groups * (t + 1) / threads * 8)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multiplicative_conv_decode(
     const at::Tensor& x, const at::Tensor& mult, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& frames, const at::Tensor& qk_w, const at::Tensor& qk_b, const at::Tensor& v_w,
@@ -125,21 +119,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multiplicative_conv_decode(
     // Each thread takes a share of the output units (rows of E, then of the kernels), so that
     // every weight is read once; the convolutions read every module's y: a second loop.
     scalar_t *yp = y.data_ptr<scalar_t>(), *qkp = qk.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
-    const int64_t threads = at::get_num_threads();
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const auto [m0, m1] = share(M, t, threads);
-        layer.shared(m0, m1, yp);
-      }
+    for_each_share([&](int64_t t, int64_t shares) {
+      const auto [m0, m1] = share_of(M, t, shares);
+      layer.shared(m0, m1, yp);
     });
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for_each_share([&](int64_t t, int64_t shares) {
       const std::vector<float> qk_windows = layer.windows(yp, 3), v_windows = layer.windows(yp, 1);
-      for (int64_t t = begin; t < end; ++t) {
-        const auto [q0, q1] = share(2 * M, t, threads);
-        layer.conv(qk_windows, layer.qk_w, layer.qk_b, 3, 2 * M, q0, q1, qkp);
-        const auto [v0, v1] = share(M, t, threads);
-        layer.conv(v_windows, layer.v_w, layer.v_b, 1, M, v0, v1, vp);
-      }
+      const auto [q0, q1] = share_of(2 * M, t, shares);
+      layer.conv(qk_windows, layer.qk_w, layer.qk_b, 3, 2 * M, q0, q1, qkp);
+      const auto [v0, v1] = share_of(M, t, shares);
+      layer.conv(v_windows, layer.v_w, layer.v_b, 1, M, v0, v1, vp);
     });
   });
   return {y, qk, v};

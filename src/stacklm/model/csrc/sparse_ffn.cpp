@@ -20,7 +20,9 @@ namespace {
 
 using stacklm::add_scaled;
 using stacklm::dot_product;
+using stacklm::for_each_share;
 using stacklm::rounded;
+using stacklm::share_of;
 
 // Gathered rows are a page (4 KB) or two each, scattered over the matrix: the hardware prefetcher
 // stops at page boundaries, so the rows a few steps ahead are requested explicitly.
@@ -96,14 +98,13 @@ struct SparseFFN {
   // Blocks [begin, end) added into acc (D).
   void run(int64_t begin, int64_t end, float* acc) const {
     // z = C1 x: R small dot products, done by every thread rather than shared through a barrier
-    std::vector<T> z(rank);
-    for (int64_t r = 0; r < rank; ++r) z[r] = static_cast<T>(dot_product(x, c1 + r * d_model, d_model));
-    std::vector<float> zf(z.begin(), z.end());
+    std::vector<float> z(rank);
+    for (int64_t r = 0; r < rank; ++r) z[r] = rounded<T>(dot_product(x, c1 + r * d_model, d_model));
     const int64_t n = end - begin;
     std::vector<int64_t> units(n);
     std::vector<float> h(n);
     std::vector<float> logits(block_size);
-    for (int64_t k = 0; k < n; ++k) units[k] = choose(begin + k, zf.data(), logits.data());
+    for (int64_t k = 0; k < n; ++k) units[k] = choose(begin + k, z.data(), logits.data());
     for (int64_t k = 0; k < std::min(n, kAhead); ++k) prefetch_row(w1 + units[k] * d_model, d_model);
     for (int64_t k = 0; k < n; ++k) {
       if (k + kAhead < n) prefetch_row(w1 + units[k + kAhead] * d_model, d_model);
@@ -131,15 +132,15 @@ struct SparseFFN {
 template <typename T>
 void sparse_ffn_one(const SparseFFN<T>& layer, T* out) {
   const int64_t d = layer.d_model;
-  const int threads = at::get_num_threads();
-  std::vector<float> partial(static_cast<size_t>(threads) * d, 0.0f);
-  // A grain of 8 blocks keeps both threads of a small machine busy down to 16 blocks.
-  at::parallel_for(0, layer.n_blocks, 8, [&](int64_t begin, int64_t end) {
-    layer.run(begin, end, partial.data() + static_cast<size_t>(at::get_thread_num()) * d);
+  std::vector<float> partial(static_cast<size_t>(at::get_num_threads()) * d, 0.0f);
+  // Shares of whole groups of 8 blocks keep both threads of a small machine busy down to 16 blocks.
+  for_each_share([&](int64_t t, int64_t shares) {
+    const auto [begin, end] = share_of(layer.n_blocks, t, shares);
+    layer.run(begin, end, partial.data() + static_cast<size_t>(t) * d);
   });
   for (int64_t i = 0; i < d; ++i) {
     float sum = 0.0f;
-    for (int t = 0; t < threads; ++t) sum += partial[static_cast<size_t>(t) * d + i];
+    for (size_t t = 0; t < partial.size() / d; ++t) sum += partial[t * d + i];
     out[i] = static_cast<T>(sum);
   }
 }
