@@ -73,9 +73,11 @@ def compiled_decode_step(model) -> Callable:
     """`model` compiled for one-token steps: `step(ids (B, 1), state) -> logits (B, 1, V)`.
 
     Shapes are dynamic, so one graph serves every cache length. Each matmul with a single row
-    (all of them at batch 1) becomes a reduction over the weight's contiguous rows, and decoding a
-    token is little else: on a 2-core Zen 4, MKL's matrix-vector product read the weights at
-    10 GB/s, Inductor's fused reduction at 27, of a measured 30 GB/s memory bandwidth.
+    (all of them at batch 1) reads every weight once, and decoding a token is little else: on CPU
+    it goes to stacklm's `matvec` kernel where the CPU kernels are loaded (it reads at the
+    memory's bandwidth), else to Inductor's fused reduction over the weight's contiguous rows (on
+    a 2-core Zen 4, MKL's matrix-vector product read the weights at 10 GB/s, the reduction at 27,
+    of 30 measured).
     """
     if next(model.parameters()).device.type == "cpu":
         cpu_kernels.load()  # before tracing: the traced graph uses them only if they are loaded
@@ -83,6 +85,10 @@ def compiled_decode_step(model) -> Callable:
 
 
 def _forward(model, ids: torch.Tensor, state) -> torch.Tensor:
+    # Read here so that Dynamo guards on it: the backend lowers one-row matmuls to the matvec
+    # kernel when it is true, and turning the kernels off must recompile.
+    if cpu_kernels.available():
+        return model(ids, state)
     return model(ids, state)
 
 
@@ -95,12 +101,20 @@ def _matvec_inductor(gm, example_inputs):
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
-    table = {**select_decomp_table(), torch.ops.aten.mm.default: _matvec_as_reduction}
-    return compile_fx(gm, example_inputs, decompositions=table)
+    table = {**select_decomp_table(), torch.ops.aten.mm.default: _one_row_matmul}
+    # Dynamo's guards already check the inputs' sizes and strides: no second check in the graph
+    return compile_fx(gm, example_inputs, config_patches={"size_asserts": False}, decompositions=table)
 
 
-def _matvec_as_reduction(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None):
-    # a: (1, K), b: (K, N) -> (1, N), accumulated in float32
+def _one_row_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None):
+    # a: (1, K), b: (K, N) -> (1, N), accumulated in float32; other matmuls stay as they are
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
     if a.size(0) != 1 or out_dtype is not None:
         return NotImplemented
+    weight = b.t()  # (N, K): a linear layer's weight, rows contiguous
+    if (cpu_kernels.loaded and cpu_kernels.enabled and a.device.type == "cpu" and a.dtype == b.dtype
+            and a.dtype in cpu_kernels.DTYPES and statically_known_true(weight.stride(1) == 1)
+            and statically_known_true(weight.stride(0) == weight.size(1))):
+        return torch.ops.stacklm.matvec(a, weight)
     return (a.float().unsqueeze(2) * b.float().unsqueeze(0)).sum(dim=1).to(a.dtype)

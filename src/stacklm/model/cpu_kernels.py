@@ -8,6 +8,8 @@ the same result: if the build fails (no compiler, no ninja) stacklm warns once a
 - `stacklm::sparse_ffn_decode`: one token through the sparse FFN (model/ffn_sparse.py).
 - `stacklm::multiplicative_conv_decode`: one token through the sparse q/k/v
   (model/qkv_sparse.py, `multiplicative_conv`).
+- `stacklm::matvec`: a one-row matmul at the memory's bandwidth, which the compiled decode step
+  (inference/generate.py) uses for every one-row matmul, the output projection the largest.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def load() -> bool:
         return False
     torch.library.register_fake("stacklm::sparse_ffn_decode")(_sparse_ffn_decode_shape)
     torch.library.register_fake("stacklm::multiplicative_conv_decode")(_multiplicative_conv_decode_shape)
+    torch.library.register_fake("stacklm::matvec")(_matvec_shape)
     loaded = True
     return True
 
@@ -101,3 +104,7 @@ def _sparse_ffn_decode_shape(x, c1, c2, c, w1, b1, w2, block_size):
 def _multiplicative_conv_decode_shape(x, multiplier, weight, bias, frames, qk_weight, qk_bias, v_weight, v_bias):
     s, m = multiplier.size(0), weight.size(0)
     return x.new_empty(s * m), x.new_empty(s, 2 * m), x.new_empty(s, m)
+
+
+def _matvec_shape(x, weight):
+    return x.new_empty(1, weight.size(0))

@@ -88,6 +88,15 @@ inline std::pair<int64_t, int64_t> share_of(int64_t n, int64_t t, int64_t shares
   return {std::min(n, groups * t / shares * 8), std::min(n, groups * (t + 1) / shares * 8)};
 }
 
+// Requests a row's cache lines ahead of its use. The hardware prefetcher stops at page boundaries
+// (4 KB), and a row of a weight matrix is a page or two, so loops over rows ask for the ones a few
+// steps ahead explicitly.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
 template <typename T>
 inline void add_scaled(float* __restrict__ acc, float scale, const T* __restrict__ row, int64_t n) {
 #pragma omp simd

@@ -24,15 +24,10 @@ using stacklm::for_each_share;
 using stacklm::rounded;
 using stacklm::share_of;
 
-// Gathered rows are a page (4 KB) or two each, scattered over the matrix: the hardware prefetcher
-// stops at page boundaries, so the rows a few steps ahead are requested explicitly.
-constexpr int64_t kAhead = 2;
+using stacklm::prefetch_row;
 
-template <typename T>
-inline void prefetch_row(const T* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
-}
+// Gathered rows are scattered over the matrix: those a few steps ahead are requested explicitly.
+constexpr int64_t kAhead = 2;
 
 template <typename T>
 struct SparseFFN {
