@@ -1,9 +1,11 @@
 import pytest
 import torch
+from torch.profiler import profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stacklm.config import Config
 from stacklm.inference import generate
+from stacklm.inference.generate import compiled_decode_step
 from stacklm.model import cpu_kernels
 from stacklm.model.transformer import build_model
 from tests.conftest import require_cpu_kernels
@@ -38,6 +40,56 @@ def test_one_token_steps_run_the_kernels_unless_disabled():
     assert kernel_calls(dense) == set()
 
 
+def compiled_kernel_calls(model, batch: int = 1) -> dict[str, int]:
+    """The kernels that two compiled decode steps call, with their counts (the profiler sees
+    inside the compiled graph; a first run compiles it)."""
+    prompt = torch.randint(0, 512, (batch, 4))
+    generate(model, prompt, 3, temperature=0, compile=True)
+    with profile() as prof:
+        generate(model, prompt, 3, temperature=0, compile=True)
+    return {event.key: event.count for event in prof.key_averages() if event.key.startswith("stacklm::")}
+
+
+def test_compiled_steps_take_matvec_for_one_row_matmuls_unless_disabled():
+    require_cpu_kernels()
+    dense = build_model(Config.load("configs/tiny.yaml")).eval()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in dense.modules())  # each used once a token
+    assert compiled_kernel_calls(dense) == {"stacklm::matvec": 2 * linears}
+    with cpu_kernels.disabled():  # recompiles, without it
+        assert compiled_kernel_calls(dense) == {}
+    assert compiled_kernel_calls(dense, batch=2) == {}  # two rows: a matmul as before
+    assert compiled_kernel_calls(dense.to(torch.float64)) == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_step_with_matvec_gives_the_eager_logits(dtype):
+    require_cpu_kernels()
+    model = build_model(Config.load("configs/tiny.yaml")).to(dtype).eval()
+    step, ids = compiled_decode_step(model), torch.randint(0, 512, (1, 12))
+    eager_state, compiled_state = model.new_state(1), model.new_state(1)
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    with torch.no_grad():
+        model(ids[:, :4], eager_state), model(ids[:, :4], compiled_state)
+        for t in range(4, 12):
+            torch.testing.assert_close(step(ids[:, t : t + 1], compiled_state).float(),
+                                       model(ids[:, t : t + 1], eager_state).float(), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(5, 3), (37, 19), (1000, 64)])
+def test_matvec_equals_the_matmul(dtype, n, k):
+    """Every row (shares of whole groups of 8, a ragged end, fewer rows than 8), float32 sums."""
+    require_cpu_kernels()
+    x, weight = torch.randn(1, k).to(dtype), torch.randn(n, k).to(dtype)
+    got = torch.ops.stacklm.matvec(x, weight)
+    assert got.shape == (1, n) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), (x.double() @ weight.double().t()).to(dtype).float(),
+                               atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    strided = torch.randn(k, n).to(dtype).t()  # (n, k) with rows not contiguous: copied first
+    torch.testing.assert_close(torch.ops.stacklm.matvec(x, strided).float(), (x @ strided.t()).float(),
+                               atol=1e-4, rtol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
 def test_kernels_apply_only_to_cpu_inference_in_their_dtypes():
     require_cpu_kernels()
     w, x = torch.zeros(4, 4), torch.zeros(1, 4)
@@ -63,3 +115,7 @@ def test_kernels_check_their_inputs(bad):
     args[4] = torch.randn(d_ff, d + 1) if bad == "shape" else args[4].bfloat16()
     with pytest.raises(RuntimeError, match="sparse_ffn_decode"):
         torch.ops.stacklm.sparse_ffn_decode(*args)
+    x, weight = torch.randn(1, d), torch.randn(d_ff, d)
+    bad_args = (torch.randn(2, d), weight) if bad == "shape" else (x, weight.bfloat16())
+    with pytest.raises(RuntimeError, match="matvec"):
+        torch.ops.stacklm.matvec(*bad_args)

@@ -73,11 +73,12 @@ def compiled_decode_step(model) -> Callable:
     """`model` compiled for one-token steps: `step(ids (B, 1), state) -> logits (B, 1, V)`.
 
     Shapes are dynamic, so one graph serves every cache length. Each matmul with a single row
-    (all of them at batch 1) reads every weight once, and decoding a token is little else: on CPU
-    it goes to stacklm's `matvec` kernel where the CPU kernels are loaded (it reads at the
-    memory's bandwidth), else to Inductor's fused reduction over the weight's contiguous rows (on
-    a 2-core Zen 4, MKL's matrix-vector product read the weights at 10 GB/s, the reduction at 27,
-    of 30 measured).
+    (all of them at batch 1) reads every weight once, and decoding a token is little else. On CPU,
+    in float32 and bfloat16, such a matmul (`mm`: a linear layer without bias) goes to stacklm's
+    `matvec` kernel where the CPU kernels are loaded and enabled (it reads at the memory's
+    bandwidth); otherwise to Inductor's fused reduction over the weight's contiguous rows (on a
+    2-core Zen 4, MKL's matrix-vector product read the weights at 10 GB/s, the reduction at 27, of
+    30 measured).
     """
     if next(model.parameters()).device.type == "cpu":
         cpu_kernels.load()  # before tracing: the traced graph uses them only if they are loaded
@@ -85,9 +86,9 @@ def compiled_decode_step(model) -> Callable:
 
 
 def _forward(model, ids: torch.Tensor, state) -> torch.Tensor:
-    # Read here so that Dynamo guards on it: the backend lowers one-row matmuls to the matvec
-    # kernel when it is true, and turning the kernels off must recompile.
-    if cpu_kernels.available():
+    # Read here so that Dynamo guards on them: the backend lowers one-row matmuls to the matvec
+    # kernel when both are true, and turning the kernels off must recompile.
+    if cpu_kernels.loaded and cpu_kernels.enabled:
         return model(ids, state)
     return model(ids, state)
 
@@ -98,12 +99,17 @@ def _compiled_forward():
 
 
 def _matvec_inductor(gm, example_inputs):
+    from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
     table = {**select_decomp_table(), torch.ops.aten.mm.default: _one_row_matmul}
-    # Dynamo's guards already check the inputs' sizes and strides: no second check in the graph
-    return compile_fx(gm, example_inputs, config_patches={"size_asserts": False}, decompositions=table)
+    # AOTAutograd's cache keys a graph without its decompositions, so it could hand back a graph
+    # made with the kernels after they were turned off; Inductor's own cache keys the decomposed
+    # graph. The size asserts checked the inputs, as Dynamo's guards do, and the kernels' outputs
+    # against their registered shapes, which tests/model/test_cpu_kernels.py checks instead.
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches={"size_asserts": False}, decompositions=table)
 
 
 def _one_row_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None):

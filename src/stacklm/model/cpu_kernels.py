@@ -9,7 +9,8 @@ the same result: if the build fails (no compiler, no ninja) stacklm warns once a
 - `stacklm::multiplicative_conv_decode`: one token through the sparse q/k/v
   (model/qkv_sparse.py, `multiplicative_conv`).
 - `stacklm::matvec`: a one-row matmul at the memory's bandwidth, which the compiled decode step
-  (inference/generate.py) uses for every one-row matmul, the output projection the largest.
+  (inference/generate.py) uses for the one-row matmuls of float32 and bfloat16 models (the
+  output projection the largest).
 """
 
 from __future__ import annotations
