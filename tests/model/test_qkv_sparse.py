@@ -73,12 +73,24 @@ def test_conv_reaches_length_kernel_positions_back_and_3_modules_across():
                                        ("model.attention.length_kernel=1",)])
 def test_conv_decode_state_keeps_the_last_inputs(batch, dtype, overrides, kernels):
     """One token at a time with the decode state gives the whole sequence's q, k, v."""
-    proj = projections("multiplicative_conv", *overrides).eval()
+    check_decode_state(projections("multiplicative_conv", *overrides), batch, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("d", "h"), [(512, 8), (96, 4)])
+def test_conv_decode_state_with_wider_modules(d, h, dtype, kernels):
+    """64 and 24 units a module: the fused kernel's rows in blocks of 16, and ragged ones."""
+    config = Config.load("configs/tiny.yaml", [f"model.d_model={d}", f"model.n_heads={h}", "model.attention.bias=true",
+                                               "model.attention.qkv=multiplicative_conv"])
+    check_decode_state(build_model(config).blocks[0].attn.proj, 1, dtype, d)
+
+
+def check_decode_state(proj, batch, dtype, d=D):
     for p in proj.parameters():
         if p.dim() == 1:
             torch.nn.init.normal_(p)  # the biases
-    proj.to(dtype)
-    x = torch.randn(batch, 9, D, dtype=dtype)
+    proj.eval().to(dtype)
+    x = torch.randn(batch, 9, d, dtype=dtype)
     state = proj.new_state(batch, dtype, "cpu")
     with torch.no_grad():
         full = proj(x)
@@ -86,7 +98,7 @@ def test_conv_decode_state_keeps_the_last_inputs(batch, dtype, overrides, kernel
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for whole, parts in zip(full, zip(*steps, strict=True), strict=True):
         torch.testing.assert_close(torch.cat(parts, dim=1), whole, **tol)
-    assert state.frames.shape == (batch, proj.length_kernel - 1, D)
+    assert state.frames.shape == (batch, proj.length_kernel - 1, d)
 
 
 def test_sparse_qkv_needs_a_kv_head_per_head():

@@ -10,6 +10,7 @@
 #endif
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 
 // The kernels' dtypes: float32 and bfloat16. They accumulate in float32, too little for a float64
@@ -64,10 +65,57 @@ inline void dot_products8(const A* __restrict__ a, const B* __restrict__ rows, i
   out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3, out[4] = s4, out[5] = s5, out[6] = s6, out[7] = s7;
 }
 
-// out[r] = a . rows[r], r < n_rows: eight at a time, then one by one
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// Lane u of the result is the sum of a[u]'s 16 lanes. The 16 vectors are transposed and added
+// together in four rounds of shuffles: summing each one's lanes on its own (the compiler's
+// reduction, through memory) cost more than the products when the dot products are short.
+inline __m512 lane_sums16(const __m512* a) {
+  // per 128-bit lane: pairs of vectors, then fours
+  __m512 b[8], c[4];
+  for (int k = 0; k < 8; ++k)
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * k]), _mm512_castps_pd(b[2 * k + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * k]), _mm512_castps_pd(b[2 * k + 1]));
+    c[k] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  // lane k of c[i] holds vectors 4i..4i+3 summed over lane k: add the four lanes
+  constexpr int even = 0 | (2 << 2) | (0 << 4) | (2 << 6), odd = 1 | (3 << 2) | (1 << 4) | (3 << 6);
+  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], even), _mm512_shuffle_f32x4(c[0], c[1], odd));
+  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], even), _mm512_shuffle_f32x4(c[2], c[3], odd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, even), _mm512_shuffle_f32x4(e01, e23, odd));
+}
+
+// a's dot products with 16 rows, rows[r * stride ...], n a multiple of 16
+template <typename B>
+inline void dot_products16(const float* __restrict__ a, const B* __restrict__ rows, int64_t stride, int64_t n,
+                           float* __restrict__ out) {
+  __m512 acc[16];
+  for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(a + i);
+    for (int u = 0; u < 16; ++u) acc[u] = _mm512_fmadd_ps(load16(rows + u * stride + i), v, acc[u]);
+  }
+  _mm512_storeu_ps(out, lane_sums16(acc));
+}
+#endif
+
+// out[r] = a . rows[r], r < n_rows: sixteen at a time where AVX-512 and the length allow, then
+// eight, then one by one
 template <typename A, typename B>
 inline void dot_products(const A* a, const B* rows, int64_t stride, int64_t n, int64_t n_rows, float* out) {
   int64_t r = 0;
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<A, float>)
+    if (n % 16 == 0)
+      for (; r + 16 <= n_rows; r += 16) dot_products16(a, rows + r * stride, stride, n, out + r);
+#endif
   for (; r + 8 <= n_rows; r += 8) dot_products8(a, rows + r * stride, stride, n, out + r);
   for (; r < n_rows; ++r) out[r] = dot_product(a, rows + r * stride, n);
 }
@@ -102,13 +150,5 @@ inline void add_scaled(float* __restrict__ acc, float scale, const T* __restrict
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) acc[i] += scale * static_cast<float>(row[i]);
 }
-
-#ifdef __AVX512F__
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-#endif
 
 }  // namespace stacklm

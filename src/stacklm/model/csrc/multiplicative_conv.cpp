@@ -43,10 +43,10 @@ struct MultiplicativeConv {
     std::vector<float> scaled(S * d), xf(x, x + d);
     for (int64_t s = 0; s < S; ++s)
       for (int64_t i = 0; i < d; ++i) scaled[s * d + i] = rounded<T>(xf[i] * static_cast<float>(mult[s * d + i]));
-    float out[8];
-    // eight rows of E at a time against every module, so that each row is read from memory once
-    for (int64_t m = begin; m < end; m += 8) {
-      const int64_t rows = std::min<int64_t>(8, end - m);
+    float out[16];
+    // sixteen rows of E at a time against every module, so that each row is read from memory once
+    for (int64_t m = begin; m < end; m += 16) {
+      const int64_t rows = std::min<int64_t>(16, end - m);
       for (int64_t s = 0; s < S; ++s) {
         dot_products(scaled.data() + s * d, weight + m * d, d, d, rows, out);
         for (int64_t j = 0; j < rows; ++j) {
@@ -78,9 +78,9 @@ struct MultiplicativeConv {
   void conv(const std::vector<float>& window, const T* w, const T* b, int64_t k, int64_t n_out, int64_t begin,
             int64_t end, T* out) const {
     const int64_t size = M * Lk * k;
-    float acc[8];
-    for (int64_t o = begin; o < end; o += 8) {
-      const int64_t rows = std::min<int64_t>(8, end - o);
+    float acc[16];
+    for (int64_t o = begin; o < end; o += 16) {
+      const int64_t rows = std::min<int64_t>(16, end - o);
       for (int64_t s = 0; s < S; ++s) {
         dot_products(window.data() + s * size, w + o * size, size, size, rows, acc);
         for (int64_t j = 0; j < rows; ++j) out[s * n_out + o + j] = static_cast<T>(acc[j] + static_cast<float>(b[o + j]));

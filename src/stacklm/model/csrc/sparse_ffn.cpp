@@ -42,42 +42,9 @@ struct SparseFFN {
 
   // The controller's logits for block b: each unit's row of C2 (R values) against z, plus c.
   void block_logits(int64_t b, const float* z, float* out) const {
-    int64_t j = 0;
-#ifdef __AVX512F__
-    if (rank % 16 == 0)
-      for (; j + 16 <= block_size; j += 16) logits16(c2 + (b * block_size + j) * rank, z, out + j);
-#endif
-    for (; j < block_size; ++j) out[j] = dot_product(z, c2 + (b * block_size + j) * rank, rank);
-    for (j = 0; j < block_size; ++j) out[j] = rounded<T>(out[j] + static_cast<float>(c[b * block_size + j]));
+    stacklm::dot_products(z, c2 + b * block_size * rank, rank, rank, block_size, out);
+    for (int64_t j = 0; j < block_size; ++j) out[j] = rounded<T>(out[j] + static_cast<float>(c[b * block_size + j]));
   }
-
-#ifdef __AVX512F__
-  // 16 units' logits at once. Each unit's products with z fill a vector whose lanes must be summed;
-  // summing them one unit at a time was most of the kernel's time, so the 16 vectors are
-  // transposed and added together in four rounds of shuffles.
-  void logits16(const T* rows, const float* z, float* out) const {
-    __m512 a[16];
-    for (int u = 0; u < 16; ++u) {
-      a[u] = _mm512_setzero_ps();
-      for (int64_t r = 0; r < rank; r += 16)
-        a[u] = _mm512_fmadd_ps(stacklm::load16(rows + u * rank + r), _mm512_loadu_ps(z + r), a[u]);
-    }
-    // per 128-bit lane: pairs of units, then fours
-    __m512 b[8], c[4];
-    for (int k = 0; k < 8; ++k)
-      b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
-    for (int k = 0; k < 4; ++k) {
-      const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * k]), _mm512_castps_pd(b[2 * k + 1]));
-      const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * k]), _mm512_castps_pd(b[2 * k + 1]));
-      c[k] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
-    }
-    // lane k of c[i] holds units 4i..4i+3 summed over lane k: add the four lanes
-    constexpr int even = 0 | (2 << 2) | (0 << 4) | (2 << 6), odd = 1 | (3 << 2) | (1 << 4) | (3 << 6);
-    const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], even), _mm512_shuffle_f32x4(c[0], c[1], odd));
-    const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], even), _mm512_shuffle_f32x4(c[2], c[3], odd));
-    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, even), _mm512_shuffle_f32x4(e01, e23, odd)));
-  }
-#endif
 
   // The chosen unit of block b: argmax as torch.argmax's, the first maximum, NaN above all.
   int64_t choose(int64_t b, const float* z, float* logits) const {
