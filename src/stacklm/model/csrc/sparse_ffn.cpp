@@ -21,10 +21,9 @@ namespace {
 using stacklm::add_scaled;
 using stacklm::dot_product;
 using stacklm::for_each_share;
+using stacklm::prefetch_row;
 using stacklm::rounded;
 using stacklm::share_of;
-
-using stacklm::prefetch_row;
 
 // Gathered rows are scattered over the matrix: those a few steps ahead are requested explicitly.
 constexpr int64_t kAhead = 2;
