@@ -1,7 +1,6 @@
 import pytest
 import torch
 from torch.profiler import profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from stacklm.config import Config
 from stacklm.inference import generate
@@ -13,52 +12,36 @@ from tests.conftest import require_cpu_kernels
 SPARSE = ["model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qkv=multiplicative_conv"]
 
 
-class OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
-
-
-def kernel_calls(model, **kwargs) -> set[str]:
-    with OpNames() as mode:
-        generate(model, torch.randint(0, 512, (1, 4)), 3, temperature=0, **kwargs)
-    return {name for name in mode.names if name.startswith("stacklm::")}
+def kernel_calls(model, compile: bool = False, batch: int = 1) -> dict[str, int]:
+    """The kernels that two decode steps call, with their counts (the profiler sees inside a
+    compiled graph too; a first run compiles it)."""
+    prompt = torch.randint(0, 512, (batch, 4))
+    generate(model, prompt, 3, temperature=0, compile=compile)
+    with profile() as prof:
+        generate(model, prompt, 3, temperature=0, compile=compile)
+    return {event.key: event.count for event in prof.key_averages() if event.key.startswith("stacklm::")}
 
 
 def test_one_token_steps_run_the_kernels_unless_disabled():
     require_cpu_kernels()
     model = build_model(Config.load("configs/tiny.yaml", SPARSE))
-    assert kernel_calls(model) == {"stacklm::sparse_ffn_decode", "stacklm::multiplicative_conv_decode"}
+    assert set(kernel_calls(model)) == {"stacklm::sparse_ffn_decode", "stacklm::multiplicative_conv_decode"}
     with cpu_kernels.disabled():
-        assert kernel_calls(model) == set()
-    assert kernel_calls(model.to(torch.float64)) == set()  # their float32 sums are too coarse for it
+        assert set(kernel_calls(model)) == set()
+    assert set(kernel_calls(model.to(torch.float64))) == set()  # their float32 sums are too coarse for it
     dense = build_model(Config.load("configs/tiny.yaml"))
-    assert kernel_calls(dense) == set()
-
-
-def compiled_kernel_calls(model, batch: int = 1) -> dict[str, int]:
-    """The kernels that two compiled decode steps call, with their counts (the profiler sees
-    inside the compiled graph; a first run compiles it)."""
-    prompt = torch.randint(0, 512, (batch, 4))
-    generate(model, prompt, 3, temperature=0, compile=True)
-    with profile() as prof:
-        generate(model, prompt, 3, temperature=0, compile=True)
-    return {event.key: event.count for event in prof.key_averages() if event.key.startswith("stacklm::")}
+    assert set(kernel_calls(dense)) == set()
 
 
 def test_compiled_steps_take_matvec_for_one_row_matmuls_unless_disabled():
     require_cpu_kernels()
     dense = build_model(Config.load("configs/tiny.yaml")).eval()
     linears = sum(isinstance(m, torch.nn.Linear) for m in dense.modules())  # each used once a token
-    assert compiled_kernel_calls(dense) == {"stacklm::matvec": 2 * linears}
+    assert kernel_calls(dense, compile=True) == {"stacklm::matvec": 2 * linears}
     with cpu_kernels.disabled():  # recompiles, without it
-        assert compiled_kernel_calls(dense) == {}
-    assert compiled_kernel_calls(dense, batch=2) == {}  # two rows: a matmul as before
-    assert compiled_kernel_calls(dense.to(torch.float64)) == {}
+        assert kernel_calls(dense, compile=True) == {}
+    assert kernel_calls(dense, compile=True, batch=2) == {}  # two rows: a matmul as before
+    assert kernel_calls(dense.to(torch.float64), compile=True) == {}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

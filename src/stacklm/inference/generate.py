@@ -86,9 +86,9 @@ def compiled_decode_step(model) -> Callable:
 
 
 def _forward(model, ids: torch.Tensor, state) -> torch.Tensor:
-    # Read here so that Dynamo guards on them: the backend lowers one-row matmuls to the matvec
-    # kernel when both are true, and turning the kernels off must recompile.
-    if cpu_kernels.loaded and cpu_kernels.enabled:
+    # Read here so that Dynamo guards on it: the backend lowers one-row matmuls to the matvec
+    # kernel when it is true, and turning the kernels off must recompile.
+    if cpu_kernels.active():
         return model(ids, state)
     return model(ids, state)
 
@@ -119,8 +119,7 @@ def _one_row_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | N
     if a.size(0) != 1 or out_dtype is not None:
         return NotImplemented
     weight = b.t()  # (N, K): a linear layer's weight, rows contiguous
-    if (cpu_kernels.loaded and cpu_kernels.enabled and a.device.type == "cpu" and a.dtype == b.dtype
-            and a.dtype in cpu_kernels.DTYPES and statically_known_true(weight.stride(1) == 1)
+    if (cpu_kernels.active() and cpu_kernels.fits(a, weight) and statically_known_true(weight.stride(1) == 1)
             and statically_known_true(weight.stride(0) == weight.size(1))):
         return torch.ops.stacklm.matvec(a, weight)
     return (a.float().unsqueeze(2) * b.float().unsqueeze(0)).sum(dim=1).to(a.dtype)

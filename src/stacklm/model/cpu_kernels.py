@@ -34,19 +34,28 @@ enabled = os.environ.get("STACKLM_CPU_KERNELS", "1") != "0"
 _tried = False
 
 
+def active() -> bool:
+    """Whether the kernels are loaded and not turned off (never builds them)."""
+    return loaded and enabled
+
+
 def available() -> bool:
     """Whether the kernels may be used; outside torch.compile, builds and loads them on first call.
     A compiled function sees them only if they were loaded before it was traced."""
     if torch.compiler.is_compiling():
-        return loaded and enabled
+        return active()
     return enabled and load()
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a kernel can take x with weight: on the CPU, both in one of the kernels' dtypes."""
+    return x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in DTYPES
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, training: bool) -> bool:
     """Whether a one-token step with input x may take a kernel: inference only (they have no
-    backward), on the CPU, in the weights' dtype and without autocast (they compute in that dtype)."""
-    return (not training and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype and x.dtype in DTYPES
+    backward), where it fits, and without autocast (they compute in the weights' dtype)."""
+    return (not training and not torch.is_grad_enabled() and fits(x, weight)
             and not torch.is_autocast_enabled("cpu") and available())
 
 
