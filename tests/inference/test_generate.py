@@ -68,3 +68,12 @@ def test_compiled_decode_step_matches_eager(overrides):
         m(eager[:, :6], state)
         got = torch.cat([step(eager[:, t : t + 1], state) for t in range(6, 30)], dim=1)
         torch.testing.assert_close(got, m(eager)[:, 6:], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_local_attention_generation_past_its_window():
+    """The compiled local attention step needs another graph once the cache fills its window
+    (Dynamo guards on the cache length): the tokens stay eager's across the change."""
+    m = model("model.attention.kind=local", "model.attention.window=8")
+    prompt = torch.randint(0, 512, (1, 2))
+    eager = generate(m, prompt, 12, temperature=0)
+    assert generate(m, prompt, 12, temperature=0, compile=True).equal(eager)
