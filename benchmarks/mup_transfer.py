@@ -10,14 +10,15 @@ std of the weight matrices (`model.init_std`, which muP then scales down with wi
 with the learning rate at the narrowest width alone, and the muP sweep uses the best. The standard
 models keep their usual init (0.02, GPT-2's) for the sweep over widths; the widest of them is also
 swept with the muP-tuned init, and the transfer headline compares against the better of the two.
+Run directories are named by parametrization and init std (`OUT/full/mup-std0.125/w512-lr...`).
 
 Headlines:
 - mup_lr_shift: under muP, the largest distance (in grid steps of 2x) of any width's best learning
   rate from the narrowest width's (target <= 1 over an 8x width range); standard_lr_shift the same
   under the standard parametrization, for comparison;
 - mup_transfer_loss_ratio: the widest muP model's loss at the learning rate transferred from the
-  narrowest width / the widest standard model's loss at its own best learning rate and init
-  (target <= 1).
+  narrowest width / the widest standard model's loss at its best learning rate, with the better
+  of init 0.02 and the muP-tuned init (target <= 1).
 
     python -m benchmarks.mup_transfer [--quick] [--out runs/mup_transfer]
 """
@@ -40,6 +41,7 @@ FULL = {"widths": [64, 128, 256, 512], "lrs": [2.0**-e for e in range(11, 1, -1)
 QUICK = {"widths": [32, 64, 128], "lrs": [2.0**-e for e in range(9, 4, -1)], "init_stds": [0.02, 0.125],
          "overrides": ["model.n_layers=2", "data.seq_len=64", "train.steps=60", "train.warmup_steps=6",
                        "train.batch_size=8", "train.eval_batches=4"]}
+STANDARD_STD = 0.02  # model.init_std's default, GPT-2's
 COMMON = ["train.progress=false", "eval.sample_tokens=0", "train.eval_every=0", "train.ckpt_every=0",
           "model.n_heads=4"]
 
@@ -52,7 +54,7 @@ def lr_shift(rows: list[dict], widths: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 widths (4x range), 5 learning rates, 60 steps")
+    parser.add_argument("--quick", action="store_true", help="3 widths (4x range), 5 learning rates, 2 init stds, 60 steps")
     parser.add_argument("--out", default="runs/mup_transfer")
     args = parser.parse_args()
     grid = QUICK if args.quick else FULL
@@ -66,14 +68,17 @@ def main() -> None:
                      f"model.base_width={narrowest}", f"model.init_std={init_std}"]
         return run_sweep("configs/default.yaml", overrides, at, lrs, out / name, log=lambda m: print(m, flush=True))
 
-    # muP's init std, tuned at the base width (each std's directory then holds the wide runs too)
+    # muP's init std, tuned at the base width; the muP sweep below reuses the tuned std's base-width
+    # points, and its directory gets the wider widths
     base = {std: sweep("mup", std, [narrowest], f"mup-std{std}") for std in grid["init_stds"]}
-    init_std = min(base, key=lambda std: min(r["loss"] for r in base[std]))
-    best_loss = {std: f"{min(r['loss'] for r in rows):.4f}" for std, rows in base.items()}
-    print(f"muP init std tuned at width {narrowest}: {init_std} (best loss per std: {best_loss})")
-    results = {"standard": sweep("standard", 0.02, widths, "standard-std0.02"),
+    best_loss = {std: min(r["loss"] for r in rows) for std, rows in base.items()}
+    init_std = min(best_loss, key=best_loss.get)
+    print(f"muP init std tuned at width {narrowest}: {init_std} "
+          f"(best loss per std: { {std: round(loss, 4) for std, loss in best_loss.items()} })")
+    results = {"standard": sweep("standard", STANDARD_STD, widths, f"standard-std{STANDARD_STD}"),
                "mup": sweep("mup", init_std, widths, f"mup-std{init_std}")}
-    standard_tuned_init = sweep("standard", init_std, [widest], f"standard-std{init_std}")
+    standard_tuned_init = (sweep("standard", init_std, [widest], f"standard-std{init_std}")
+                           if init_std != STANDARD_STD else [])
     (out / "sweep.json").write_text(json.dumps({**results, "init_std": init_std, "mup_base": base,
                                                 "standard_tuned_init": standard_tuned_init}, indent=1))
     panels = [(name, {f"width {w}": ([r["lr"] for r in rows if r["width"] == w],
@@ -82,7 +87,8 @@ def main() -> None:
     line_plots(out / "sweep.png", panels, "learning rate", "validation loss", logx=True, columns=2)
     rows = [[name, w] + [f"{r['loss']:.4f}" for r in results[name] if r["width"] == w] for name in results
             for w in widths]
-    rows += [[f"standard, init {init_std}", widest] + [f"{r['loss']:.4f}" for r in standard_tuned_init]]
+    if standard_tuned_init:
+        rows += [[f"standard, init {init_std}", widest] + [f"{r['loss']:.4f}" for r in standard_tuned_init]]
     print(table(rows, ["parametrization", "width", *(f"lr {lr:.2e}" for lr in lrs)]))
     for name in results:
         print(f"{name}: best learning rate per width {best_lr(results[name])}")
