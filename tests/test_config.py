@@ -26,6 +26,7 @@ def test_overrides_are_typed_and_nested():
     ("train.steps=1.5", "train.steps must be an integer"),
     ("train.compile=maybe", "train.compile must be true or false"),
     ("train.dtype=fp8", "train.dtype: 'fp8' is not valid"),
+    ("train.data_parallel=zero3", "train.data_parallel: 'zero3' is not valid"),
     ("model.ffn.kind=swiglo", "unknown ffn kind 'swiglo' (did you mean 'swiglu'?)"),
     ("model.ffn.nope=1", "unknown config key model.ffn.nope"),
     ("modle.d_model=3", "unknown config key modle (did you mean model?)"),
@@ -39,6 +40,11 @@ def test_bad_values_name_the_key(override, message):
         Config.load("configs/tiny.yaml", [override])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_expert_parallelism_runs_beside_ddp_only():
+    with pytest.raises(UserError, match="train.expert_parallel runs beside train.data_parallel=ddp only"):
+        Config.load("configs/tiny.yaml", ["train.expert_parallel=true", "train.data_parallel=fsdp"])
 
 
 def test_bad_files(tmp_path):

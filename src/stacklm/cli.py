@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model (under torchrun: data-parallel)",
+    p = sub.add_parser("train", help="train a model (under torchrun: data-parallel, DDP or FSDP2)",
                        description="Train a model. CONFIG is a YAML file or a preset name from configs/; "
                                    "section.key=value pairs override it (see `stacklm config`).")
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")

@@ -96,9 +96,11 @@ def torchrun_train(*items: str) -> subprocess.CompletedProcess:
 
 def test_stacklm_train_with_expert_parallelism(tiny, tmp_path, cache_dir):
     """`stacklm train ... train.expert_parallel=true` under torchrun takes the same steps as plain
-    DDP (gradient clipping on the global norm included), writes the unsharded model, and resumes
+    DDP (gradient clipping on the global norm included, and muP's per-group learning rates, which
+    the sharded experts take by their unsharded names), writes the unsharded model, and resumes
     exactly from a checkpoint holding every rank's optimizer state."""
-    moe = ["model.ffn=moe", "model.ffn.n_experts=4", "model.ffn.capacity_factor=1.0"]
+    moe = ["model.ffn=moe", "model.ffn.n_experts=4", "model.ffn.capacity_factor=1.0",
+           "model.parametrization=mup", "model.base_width=32"]
     common = [*moe, "train.steps=6", "train.log_every=1", "train.dtype=float32", "train.threads=1",
               "train.batch_size=4", "train.ckpt_every=3", "train.eval_every=3", "train.grad_clip=0.2",
               "train.eval_batches=3", f"data.cache_dir={cache_dir}", "train.progress=false",
@@ -127,7 +129,7 @@ def test_stacklm_train_with_expert_parallelism(tiny, tmp_path, cache_dir):
     assert [r["loss"] for r in read_metrics(runs["ep"], "train")] == straight
 
     # One process cannot take up the two ranks' optimizer states
-    with pytest.raises(UserError, match="saved with 2 ranks and this run has no expert parallelism"):
+    with pytest.raises(UserError, match="saved with expert parallelism over 2 ranks and this run has no sharding"):
         train(tiny(*common, f"train.out_dir={runs['ep']}", "train.steps=9"), resume=True, log=lambda m: None)
 
 

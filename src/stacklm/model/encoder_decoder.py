@@ -37,6 +37,15 @@ from stacklm.registry import NORM, POSITION
 
 
 @dataclasses.dataclass
+class Encoded:
+    """The encoded input, as every decoder layer's cross-attention reads it."""
+
+    h: torch.Tensor  # (B, S, D) the encoder's output
+    visible: torch.Tensor  # (B, 1, 1, S) bool: the input's real (not padding) positions
+    present: torch.Tensor  # (B, 1, 1) bool: the input is not empty
+
+
+@dataclasses.dataclass
 class Memory:
     """What one decoder layer's cross-attention reads of the encoded input."""
 
@@ -65,10 +74,9 @@ class CrossAttention(nn.Module):
         with torch.no_grad():
             self.q_proj.weight.zero_()
 
-    def memory(self, h: torch.Tensor, visible: torch.Tensor, present: torch.Tensor) -> Memory:
-        # h: (B, S, D) the encoder's output
-        k, v = self.kv_proj(h).chunk(2, dim=-1)
-        return Memory(heads(k, self.n_kv_heads), heads(v, self.n_kv_heads), visible, present)
+    def memory(self, encoded: Encoded) -> Memory:
+        k, v = self.kv_proj(encoded.h).chunk(2, dim=-1)  # (B, S, Hkv * hd) each
+        return Memory(heads(k, self.n_kv_heads), heads(v, self.n_kv_heads), encoded.visible, encoded.present)
 
     def forward(self, x: torch.Tensor, memory: Memory) -> torch.Tensor:
         # x: (B, T, D) -> (B, T, D)
@@ -87,9 +95,13 @@ class DecoderBlock(Block):
         self.cross_norm = NORM.build(cfg.norm, cfg.d_model)
         self.cross_attn = CrossAttention(cfg)
 
-    def forward(self, x: torch.Tensor, position, cache=None, memory: Memory | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position, cache=None, memory: Memory | Encoded | None = None) -> torch.Tensor:
+        """`memory`: the cross-attention keys and values a decode state keeps, or the encoded input
+        they are computed from here, in the block's own forward (where FSDP has its weights)."""
         # x: (B, T, D)
         x = x + self.dropout(self.attn(self.attn_norm(x), position, cache))
+        if isinstance(memory, Encoded):
+            memory = self.cross_attn.memory(memory)
         if memory is not None:
             x = x + self.dropout(self.cross_attn(self.cross_norm(x), memory))
         return x + self.dropout(self.ffn(self.ffn_norm(x), cache is not None))
@@ -167,12 +179,15 @@ class EncoderDecoder(Transformer):
                              "the prefix with its encoder (encoder_ids)")
         if state is not None and (encoder_ids is not None or encoder_lengths is not None):
             raise ValueError("the decode state holds the encoded input; give encoder_ids to new_state")
-        memories = state.memories if state is not None else self.memories(encoder_ids, encoder_lengths)
+        if state is None:
+            encoded = self.encoded(encoder_ids, encoder_lengths)
+            caches, memories = [None] * len(self.blocks), [encoded] * len(self.blocks)
+        else:
+            caches, memories = state.layers, state.memories or [None] * len(self.blocks)
         start = self.start(idx, state)
         x = self.drop(self.position.embed(self.embed(idx), start))
-        for i, block in enumerate(self.blocks):
-            x = block(x, self.position, state.layers[i] if state is not None else None,
-                      memories[i] if memories is not None else None)
+        for block, cache, memory in zip(self.blocks, caches, memories, strict=True):
+            x = block(x, self.position, cache, memory)
         return self.head(x, idx, state, targets)
 
     def encode(self, encoder_ids: torch.Tensor, encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,8 +200,8 @@ class EncoderDecoder(Transformer):
             encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
         return self.encoder(self.embed(encoder_ids), encoder_lengths)
 
-    def memories(self, encoder_ids: torch.Tensor | None, encoder_lengths: torch.Tensor | None) -> list[Memory] | None:
-        """Each decoder layer's cross-attention keys and values of the encoded input; None when empty."""
+    def encoded(self, encoder_ids: torch.Tensor | None, encoder_lengths: torch.Tensor | None) -> Encoded | None:
+        """The encoded input with its masks; None when empty."""
         if encoder_ids is None or encoder_ids.size(1) == 0:
             return None
         b, s = encoder_ids.shape
@@ -197,8 +212,7 @@ class EncoderDecoder(Transformer):
         # `present` then zeroes that row's cross-attention
         shown = encoder_lengths.clamp(min=1).view(b, 1, 1, 1)
         visible = torch.arange(s, device=h.device).view(1, 1, 1, s) < shown
-        present = (encoder_lengths > 0).view(b, 1, 1)
-        return [block.cross_attn.memory(h, visible, present) for block in self.blocks]
+        return Encoded(h, visible, (encoder_lengths > 0).view(b, 1, 1))
 
     def new_state(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                   encoder_ids: torch.Tensor | None = None,
@@ -206,7 +220,9 @@ class EncoderDecoder(Transformer):
         """Empty decoder caches for `batch` sequences of up to `max_len` tokens, and the encoded
         `encoder_ids` (B, S) their cross-attention reads (None: an empty input)."""
         state = super().new_state(batch, max_len, dtype)
-        return EncoderDecoderState(state.layers, self.memories(encoder_ids, encoder_lengths))
+        encoded = self.encoded(encoder_ids, encoder_lengths)
+        memories = None if encoded is None else [block.cross_attn.memory(encoded) for block in self.blocks]
+        return EncoderDecoderState(state.layers, memories)
 
 
 ARCHITECTURES["encoder_decoder"] = EncoderDecoder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import shutil
@@ -21,7 +20,7 @@ from stacklm.evaluate import evaluate
 from stacklm.model.moe import MoE
 from stacklm.model.transformer import build_model
 from stacklm.registry import OBJECTIVE
-from stacklm.training import expert_parallel
+from stacklm.training import distributed, expert_parallel
 from stacklm.training.checkpoint import Checkpointer, load_state, load_weights
 from stacklm.training.distributed import Dist, init_distributed, shutdown, wrap_data_parallel
 from stacklm.training.metrics import MetricsLogger
@@ -110,22 +109,36 @@ def shard_experts(model: torch.nn.Module, info: Dist) -> bool:
     return True
 
 
-def optimizer_state(state: dict, sharded: bool, info: Dist, checkpoint: Path) -> dict:
-    """This rank's optimizer state from a checkpoint's trainer state."""
-    saved = state.get("expert_parallel", False)
-    if not saved and not sharded:
-        return state["optimizer"]
-    if saved and sharded and len(state["optimizer"]) == info.world:
-        return state["optimizer"][info.rank]
-    ranks = f"{len(state['optimizer'])} ranks" if saved else "no expert parallelism"
-    now = f"{info.world} ranks" if sharded else "no expert parallelism"
-    raise UserError(f"--resume: {checkpoint} was saved with {ranks} and this run has {now}; "
-                    f"resume with the same train.expert_parallel and number of processes")
+def optimizer_layout(sharded_experts: bool, fully_sharded: bool) -> str:
+    """How a checkpoint holds the optimizer state: one replica's `state_dict()` ("replicated": one
+    process or DDP), every rank's ("expert_parallel"), or the unsharded state by name ("fsdp")."""
+    return "expert_parallel" if sharded_experts else "fsdp" if fully_sharded else "replicated"
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, state: dict, layout: str,
+                      info: Dist, checkpoint: Path) -> None:
+    """Load this rank's optimizer state from a checkpoint's trainer state."""
+    saved = state.get("layout") or ("expert_parallel" if state.get("expert_parallel") else "replicated")
+    if saved == layout == "replicated":
+        return optimizer.load_state_dict(state["optimizer"])
+    if saved == layout == "fsdp":
+        return distributed.load_full_optimizer_state(model, optimizer, state["optimizer"])
+    if saved == layout == "expert_parallel" and len(state["optimizer"]) == info.world:
+        return optimizer.load_state_dict(state["optimizer"][info.rank])
+
+    def describe(layout: str, ranks: int) -> str:
+        return {"replicated": "no sharding (one process or DDP)", "fsdp": "FSDP",
+                "expert_parallel": f"expert parallelism over {ranks} ranks"}[layout]
+
+    raise UserError(f"--resume: {checkpoint} was saved with {describe(saved, len(state['optimizer']))} and "
+                    f"this run has {describe(layout, info.world)}; resume with the same "
+                    f"train.expert_parallel, train.data_parallel and number of processes")
 
 
 def train(config: Config, resume: bool = False, overwrite: bool = False,
           log: Callable[[str], None] = print) -> TrainResult:
-    """Train the model `config` describes; under torchrun, as one rank of data-parallel training."""
+    """Train the model `config` describes; under torchrun, as one rank of data-parallel training
+    (DDP or FSDP2, `train.data_parallel`)."""
     info, device = init_distributed(config.train.device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
@@ -165,20 +178,21 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     if latest is not None:
         load_weights(model, latest)  # checkpoints hold the unsharded model
     sharded = shard_experts(model, info) if tcfg.expert_parallel else False
+    parallel = wrap_data_parallel(model, info, device, tcfg.data_parallel,
+                                  expert_parallel.sharded_parameter_names(model))
+    layout = optimizer_layout(sharded, distributed.is_fully_sharded(model))
     objective = OBJECTIVE.build(tcfg.objective, data.tokenizer, config.model)
     optimizer = build_optimizer(model, tcfg, device)
     loader = PackedLoader(data.train, seq_len, tcfg.batch_size, tcfg.seed, rank=info.rank, world=info.world)
     step, skipped = 0, 0
     if latest is not None:
         state = load_state(latest)
-        optimizer.load_state_dict(optimizer_state(state, sharded, info, latest))
+        restore_optimizer(optimizer, model, state, layout, info, latest)
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         step, skipped = state["step"], state["skipped_steps"]
         log(f"resuming {run_dir} from step {step}")
-    net = wrap_data_parallel(model, info, device, expert_parallel.sharded_parameter_names(model))
-    if tcfg.compile:
-        net = torch.compile(net)
+    net = torch.compile(parallel) if tcfg.compile else parallel
 
     tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * info.world
     autocast_dtype = resolve_dtype(tcfg.dtype, device)
@@ -196,17 +210,19 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
                         autocast_dtype, info, encoder_input=objective.encoder_input([]))
 
     def save(at: int) -> Path | None:
-        # Sharded experts: every rank sends its share of the weights and its optimizer state to
-        # the main rank, which writes the unsharded model and every rank's optimizer state
-        weights = expert_parallel.full_state_dict(model) if sharded else model
-        optim_state = optimizer.state_dict()
-        if sharded:  # through host memory: rank 0's device need not hold every rank's state
+        # Sharded runs gather on the main rank, which writes the unsharded model: FSDP with the
+        # unsharded optimizer state; sharded experts with every rank's optimizer state
+        weights, optim_state = model, optimizer.state_dict()
+        if layout == "fsdp":
+            weights, optim_state = distributed.full_state(model, optimizer)
+        elif layout == "expert_parallel":  # through host memory: rank 0's device need not hold every rank's state
+            weights = expert_parallel.full_state_dict(model)
             gathered = [None] * info.world if info.main else None
             torch.distributed.gather_object(to_cpu(optim_state), gathered)
             optim_state = gathered
         if not info.main:
             return None
-        state = {"step": at, "skipped_steps": skipped, "optimizer": optim_state, "expert_parallel": sharded,
+        state = {"step": at, "skipped_steps": skipped, "optimizer": optim_state, "layout": layout,
                  "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()}}
         return ckpt.save(at, weights, state)
 
@@ -221,13 +237,12 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         for micro in range(tcfg.grad_accum):
             batch = next(loader).to(device, non_blocking=True)
             last = micro == tcfg.grad_accum - 1
-            sync = contextlib.nullcontext() if info.world == 1 or last else net.no_sync()
-            with sync:
+            with distributed.gradient_sync(parallel, sync=last):
                 with autocast:
                     loss, count = objective.loss(net, batch)
                     aux = model.auxiliary_loss()  # MoE load balance and router z-loss, if any
                 if info.world > 1:
-                    # DDP averages the ranks' gradients; ranks whose batches hold more target
+                    # DDP and FSDP average the ranks' gradients; ranks whose batches hold more target
                     # tokens (denoising objectives) weigh more, so that the step is the gradient of
                     # the mean over all ranks' tokens, as in one process. 1 when the counts are equal.
                     loss = loss * (count * info.world / info.all_reduce_sum(count.clone()).clamp_min(1))
@@ -237,7 +252,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
             expert_parallel.scale_sharded_grads(model, 1 / info.world)
             grad_norm = expert_parallel.clip_grad_norm_(model, tcfg.grad_clip or math.inf)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+            grad_norm = distributed.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         mean_loss = info.all_reduce_sum(loss_sum / tcfg.grad_accum).item() / info.world
         if torch.isfinite(grad_norm) and math.isfinite(mean_loss):
             optimizer.step()
