@@ -17,8 +17,8 @@ COMMON = ["train.log_every=1", "train.dtype=float32", "train.threads=1", "train.
 MUP = ["model.parametrization=mup", "model.base_width=32"]
 
 
-def torchrun_train(*items: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def torchrun_train(*items: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            "-m", "stacklm.cli", "train", "configs/tiny.yaml", *items]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=180)
@@ -49,8 +49,8 @@ def test_fsdp_checkpoint_is_whole_and_resumes_exactly(tiny, tmp_path, cache_dir)
     """An FSDP run under muP, with gradient accumulation and clipping, matches one process step
     for step; its checkpoint is the unsharded model (one process loads the same weights), and it
     resumes from its middle checkpoint with the straight run's losses: the optimizer state, with
-    muP's per-group learning rates, survives the round trip through its unsharded form. The
-    vocabulary is odd, so the (tied) embedding's rows split unevenly over the ranks."""
+    muP's per-group learning rates, survives the round trip through its unsharded form, which 3
+    ranks then take up. The vocabulary is odd, so the (tied) embedding's rows split unevenly."""
     common = [*COMMON, *MUP, "model.vocab_size=509", "train.steps=6", "train.grad_accum=2", "train.batch_size=2",
               "train.grad_clip=0.2", "train.ckpt_every=3", "train.eval_every=3", "train.eval_batches=2",
               f"data.cache_dir={cache_dir}"]
@@ -69,6 +69,9 @@ def test_fsdp_checkpoint_is_whole_and_resumes_exactly(tiny, tmp_path, cache_dir)
     (run / "checkpoints" / "latest").unlink()
     torchrun_train(*common, "train.data_parallel=fsdp", f"train.out_dir={run}", "--resume")
     assert train_losses(run) == straight
+    torchrun_train(*common, "train.data_parallel=fsdp", f"train.out_dir={run}", "train.steps=8", "--resume",
+                   ranks=3)
+    assert len(train_losses(run)) == 8 and Checkpointer(run / "checkpoints").latest().name == "step_00000008"
 
     with pytest.raises(UserError, match="saved with FSDP and this run has no sharding"):
         train(tiny(*common, f"train.out_dir={run}", "train.steps=9"), resume=True, log=lambda m: None)
