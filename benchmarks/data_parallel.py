@@ -1,0 +1,114 @@
+"""DDP against FSDP2 (`train.data_parallel`), side by side in the same processes: 2 gloo ranks on
+the CPU, one thread each, the model of configs/default.yaml (with --quick a smaller one).
+
+Both wrappings train copies of the same model (same seed) on the same random batches, with the
+trainer's own pieces (stacklm.training.distributed and optim): forward, backward, gradient
+clipping, AdamW. Their steps take turns (DDP, FSDP, DDP, FSDP, ...); the time ratio is the median
+of the per-round ratios FSDP / DDP on rank 0. Their losses must agree step for step (checked).
+
+The state each rank holds for training (parameters, gradients and AdamW's two moments, all
+float32) is counted from its tensors: DDP keeps all of it on every rank, FSDP 1 / world of it
+plus, while a block runs, that block's gathered weights.
+
+    python -m benchmarks.data_parallel [--quick] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+import stacklm
+from benchmarks.common import alternate, headline, load_average, machine, median, speedup, table
+from stacklm.training import distributed
+from stacklm.training.optim import build_optimizer
+
+WORLD = 2
+QUICK = ["model.d_model=128", "model.n_layers=2", "model.vocab_size=4096", "data.seq_len=128"]
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters, gradients and optimizer state held on this rank (local shards)."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    params = list({id(p): p for p in model.parameters()}.values())
+    held = sum(local(p).nbytes for p in params) + sum(local(p.grad).nbytes for p in params if p.grad is not None)
+    for state in optimizer.state.values():
+        held += sum(local(v).nbytes for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return held
+
+
+def worker(rank: int, store: str, overrides: list[str], rounds: int, batch: int, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    info, device = distributed.Dist(rank, WORLD, rank), torch.device("cpu")
+    config = stacklm.Config.load("configs/default.yaml", overrides)
+    seq_len, vocab = config.data.seq_len, config.model.vocab_size
+    setups = {}
+    for kind in ("ddp", "fsdp"):
+        torch.manual_seed(0)  # the same weights in both, and on every rank
+        model = stacklm.build_model(config).train()
+        parallel = distributed.wrap_data_parallel(model, info, device, kind)
+        setups[kind] = (model, parallel, build_optimizer(model, config.train, device))
+    generator = torch.Generator().manual_seed(rank)
+    batches = [torch.randint(0, vocab, (batch, seq_len + 1), generator=generator) for _ in range(4)]
+    losses: dict[str, list[float]] = {kind: [] for kind in setups}
+    autocast = torch.autocast("cpu", dtype=stacklm.device.resolve_dtype(config.train.dtype, device))
+
+    def step(kind: str) -> None:
+        model, parallel, optimizer = setups[kind]
+        ids = batches[len(losses[kind]) % len(batches)]
+        with autocast:
+            loss = parallel(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        distributed.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # keep the gradients' memory, to count it
+        losses[kind].append(info.all_reduce_sum(loss.detach()).item() / WORLD)
+
+    times = alternate({kind: (lambda kind=kind: step(kind)) for kind in setups}, rounds, warmup=2)
+    if rank == 0:
+        results.update(times=times, losses=losses,
+                       bytes={kind: state_bytes(m, o) for kind, (m, _, o) in setups.items()},
+                       params=setups["ddp"][0].num_params(), dtype=str(autocast.fast_dtype))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # see tests/training/test_expert_parallel.py: gloo's teardown aborts now and then
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps of each (default 20, quick 8)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
+    args = parser.parse_args()
+    rounds = args.rounds or (8 if args.quick else 20)
+    overrides = QUICK if args.quick else []
+    print(f"machine: {machine()}; load {load_average()}; {WORLD} gloo ranks x 1 thread")
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(f"{tmp}/store", overrides, rounds, args.batch, results), nprocs=WORLD, join=True)
+        results = dict(results)
+    times, losses, held = results["times"], results["losses"], results["bytes"]
+    agree = max(abs(a - b) / abs(a) for a, b in zip(losses["ddp"], losses["fsdp"], strict=True))
+    print(f"model: {results['params'] / 1e6:.1f}M parameters, batch {args.batch} x {WORLD} ranks, "
+          f"autocast {results['dtype']}; largest relative loss difference FSDP vs DDP over "
+          f"{len(losses['ddp'])} steps: {agree:.1e}")
+    rows = [[kind.upper(), 1e3 * median(times[kind]), held[kind] / 2**20] for kind in ("ddp", "fsdp")]
+    print(table(rows, ["wrapping", "step ms (median)", "training state MiB / rank"]))
+    if not math.isfinite(agree) or agree > 1e-2:  # bf16 autocast amplifies the reductions' rounding
+        raise SystemExit(f"FSDP and DDP took different steps (relative loss difference {agree:.1e})")
+    headline("fsdp_step_time_ratio", 1 / speedup(times["ddp"], times["fsdp"]), None, "x (FSDP / DDP)")
+    headline("fsdp_state_bytes_ratio", held["fsdp"] / held["ddp"], 1 / WORLD, "x (FSDP / DDP, per rank)")
+
+
+if __name__ == "__main__":
+    main()
