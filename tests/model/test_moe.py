@@ -166,6 +166,19 @@ def test_kv_cache_decode_is_dropless_even_when_evaluation_drops():
     torch.testing.assert_close(torch.cat(steps, 1), dropless(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("options", [dict(router="switch"), dict(router="topk", top_k=2, shared_expert="true")])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decoding_runs_each_token_through_its_experts(options, batch):
+    """A one-token decode step takes the per-token path: eager, and compiled as one graph
+    (`fullgraph`: the sorted dispatch's bincount would break it), both equal to the reference."""
+    moe = layer(**options).eval()
+    x = torch.randn(batch, 1, D)
+    want = reference(moe, x) + (moe.shared_expert(x) if moe.shared_expert is not None else 0)
+    torch.testing.assert_close(moe(x, decoding=True), want, atol=1e-5, rtol=1e-4)
+    compiled = torch.compile(moe, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, decoding=True), want, atol=1e-5, rtol=1e-4)
+
+
 def test_gradients_reach_router_and_every_used_expert():
     moe = layer(router="topk", top_k=2, shared_expert="true").train()
     x = torch.randn(2, 32, D, requires_grad=True)

@@ -16,7 +16,9 @@ sequence at each position, so whether a token is dropped depends only on tokens 
 before it: the layer stays causal. Decoding with the KV cache and `dropless: true` never drop.
 
 Dispatch sorts the (token, expert) assignments by expert, so each expert reads one contiguous slice;
-dense experts run as one grouped GEMM (`torch._grouped_mm`) over those slices.
+dense experts run as one grouped GEMM (`torch._grouped_mm`) over those slices. Decoding a few
+tokens through dense experts skips all of that: each token runs through its k experts' weights
+directly, and a compiled decode step stays one graph (no shape depends on the routing).
 
 Auxiliary losses, added to the training loss by the trainer (`aux_loss`):
     load balance (Switch eq. 4):  E * sum_e f_e * P_e, f_e the share of assignments routed to e,
@@ -116,6 +118,24 @@ class GroupedSwiGLU(nn.Module):
         """The state dict of the whole set from those of `select`ed consecutive shares, in order."""
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
+    def per_token(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each token of x (N, D) through its own experts (N, k) -> (N, k, D), reading only those
+        experts' weights: for decoding's few tokens, with no sort and no data-dependent shape."""
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        if torch.compiler.is_compiling():
+            # Written as reductions, Inductor fuses the gather into them and reads each chosen
+            # expert's weights once; a matmul would take a gathered copy of them first
+            w_in = self.gate_up_proj[experts].to(dtype)  # (N, k, 2F, D)
+            gate, up = (w_in * x[:, None, None, :]).sum(-1).chunk(2, dim=-1)
+            return (self.out_proj[experts].to(dtype) * (F.silu(gate) * up)[..., None, :]).sum(-1)
+        out = x.new_empty(*experts.shape, x.size(-1))
+        for i, row in enumerate(experts.tolist()):
+            for j, e in enumerate(row):
+                gate, up = F.linear(x[i], self.gate_up_proj[e].to(dtype)).chunk(2)
+                out[i, j] = F.linear(F.silu(gate) * up, self.out_proj[e].to(dtype))
+        return out
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # x: (M, D) sorted by expert, counts: (E,) -> (M, D)
         device, dtype = x.device.type, compute_dtype(x)
@@ -208,6 +228,8 @@ class MoE(nn.Module):
         # x: (B, T, D) -> (B, T, D)
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
+        if decoding and valid is None and B * T * self.top_k <= self.n_experts and hasattr(self.experts, "per_token"):
+            return self.decode(flat).view(B, T, D)
         n = torch.arange(B * T, device=x.device) if valid is None else valid.flatten().nonzero().squeeze(1)
         real = flat if valid is None else flat.index_select(0, n)  # (N, D)
         logits = self.route(real)  # (N, E)
@@ -226,6 +248,18 @@ class MoE(nn.Module):
         if valid is not None:
             out = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_copy_(0, n, out)
         return out.view(B, T, D).to(y.dtype)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding's few tokens x (N, D) -> (N, D), each through its k experts: no capacity (the
+        cache never drops), no sort, no routing statistics."""
+        gates, experts = self.route(x).softmax(dim=-1).topk(self.top_k, dim=-1)  # (N, k)
+        if self.router_kind == "topk":
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        y = self.experts.per_token(x, experts)  # (N, k, D)
+        out = (y.float() * gates[..., None]).sum(dim=1)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return out.to(y.dtype)
 
     def token_choice(self, probs: torch.Tensor, capacity: int, n: torch.Tensor, B: int, T: int):
         """Each token picks its top-k experts; `n` (N,) numbers the routed tokens in the (B, T)
