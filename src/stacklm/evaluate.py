@@ -36,7 +36,8 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
     # Every rank runs the same number of forwards, as collectives inside the model (expert
-    # parallelism's all_to_all) need: a rank short of a batch runs the first again, uncounted
+    # parallelism's all_to_all, FSDP's all-gathers) need: a rank short of a batch runs the first
+    # again, uncounted
     n_batches = math.ceil(n_windows / batch_size)
     for turn in range(math.ceil(n_batches / dist.world)):
         first = (turn * dist.world + dist.rank) * batch_size

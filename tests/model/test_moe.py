@@ -80,6 +80,15 @@ def test_sparse_experts_are_sparse_ffns():
     assert len(moe.experts.experts) == E and all(isinstance(e, SparseFFN) for e in moe.experts.experts)
 
 
+def test_an_expert_no_token_reaches_still_gets_a_gradient():
+    """Zero, not None: data-parallel ranks must reduce the same gradients whatever their routing."""
+    for options in (dict(expert="sparse", **{"expert.block_size": 8}), dict(dispatch="loop"), {}):
+        moe = layer(dropless="true", **options).train()
+        moe(steer(moe, torch.zeros(6, dtype=torch.long))).sum().backward()
+        unused = [p.grad for name, p in moe.experts.named_parameters() if ".1." in name or "experts." not in name]
+        assert all(g is not None for g in unused), options
+
+
 def test_permutation_round_trip_is_exact():
     """With experts that return their input, dispatch then combine gives back gate * x bitwise."""
     moe = layer(dropless="true")

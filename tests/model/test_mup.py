@@ -68,6 +68,13 @@ def test_init_learning_rates_and_multipliers_follow_the_roles():
     torch.testing.assert_close(model.head(h, x, None, None), model.lm_head(h) * 0.25)
 
 
+@pytest.mark.parametrize("qkv", ["dense", "multiplicative", "multiplicative_conv"])
+def test_the_query_starts_at_zero_and_the_keys_do_not(qkv):
+    model = build_model(config(f"model.attention.qkv={qkv}")).eval()
+    q, k, v = model.blocks[0].attn.proj(torch.randn(2, 5, 128))
+    assert (q == 0).all() and k.abs().sum() > 0 and v.abs().sum() > 0
+
+
 def test_mup_at_base_width_is_the_standard_parametrization_but_for_zero_query():
     torch.manual_seed(0)
     standard = build_model(Config.load("configs/tiny.yaml", ["model.d_model=32"]))

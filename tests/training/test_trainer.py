@@ -56,6 +56,21 @@ def test_resume_is_bitwise_exact(tiny, tmp_path, model):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoints_saved_before_optimizer_layouts_still_resume(tiny, tmp_path):
+    """A trainer state from before the `layout` key (an `expert_parallel` flag instead) resumes."""
+    run = ("train.steps=4", "train.ckpt_every=2", "train.keep_last=5", *EXACT)
+    straight = train(tiny(*run, f"train.out_dir={tmp_path / 'a'}"), **QUIET)
+    old = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", old)
+    shutil.rmtree(old / "checkpoints" / "step_00000004")
+    (old / "checkpoints" / "latest").unlink()
+    path = old / "checkpoints" / "step_00000002" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["layout"]
+    torch.save({**state, "expert_parallel": False}, path)
+    assert train(tiny(*run, f"train.out_dir={old}"), resume=True, **QUIET).losses == straight.losses[2:]
+
+
 def test_existing_run_is_not_overwritten(tiny):
     train(tiny("train.steps=2"), **QUIET)
     with pytest.raises(UserError, match="already holds a run"):

@@ -179,9 +179,9 @@ class ExpertList(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # x: (M, D) sorted by expert, counts: (E,) -> (M, D)
-        outs = [expert(xs) for expert, xs in zip(self.experts, x.split(counts.tolist()), strict=True)
-                if xs.size(0)]
-        return torch.cat(outs) if outs else x.new_empty(0, x.size(-1))
+        # Every expert runs, on an empty slice if no token reached it, so that each has a (zero)
+        # gradient on every rank: DDP and FSDP reduce the same set of gradients everywhere
+        return torch.cat([expert(xs) for expert, xs in zip(self.experts, x.split(counts.tolist()), strict=True)])
 
 
 @FFN.register("moe", MoEConfig)

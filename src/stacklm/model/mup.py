@@ -20,7 +20,7 @@ muP for Adam). The readout (`lm_head`, tied or not) is an output weight written 
 microsoft/mup's MuReadout: logits are multiplied by output_mult / m and the weight keeps the
 learning rate, which is the only form a readout tied to the embedding admits; an untied readout
 starts at zero. Attention logits are q.k * sqrt(base_head_dim) / head_dim, 1/d instead of 1/sqrt(d), and the
-query projection starts at zero, as the paper advises.
+query starts at zero, as the paper advises (a module's `zero_query`; none with LSH's shared QK).
 
 A parameter whose role cannot be read from its module (a raw nn.Parameter of two or more
 dimensions in a module that does not declare `fan_in_dims`) is an error, not a silent default.

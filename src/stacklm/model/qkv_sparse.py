@@ -78,6 +78,11 @@ class MultiplicativeQKV(nn.Module):
     def new_state(self, batch: int, dtype: torch.dtype, device) -> None:
         return None
 
+    def zero_query(self) -> None:
+        """muP's zero-initialised query."""
+        with torch.no_grad():
+            self.q_proj.weight.zero_()
+
     def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (B, T, D) -> q, k, v: (B, T, D)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -116,6 +121,12 @@ class MultiplicativeConvQKV(nn.Module):
         """Multiply-adds per token of the convolutions (the shared layer counts its own): each of
         the S modules applies the whole kernels once."""
         return self.sparsity * (self.qk_conv.numel() + self.v_conv.numel())
+
+    def zero_query(self) -> None:
+        """muP's zero-initialised query: q's output channels of the shared q/k convolution (q's
+        bias starts at zero too)."""
+        with torch.no_grad():
+            self.qk_conv[: self.qk_conv.size(0) // 2].zero_()
 
     def new_state(self, batch: int, dtype: torch.dtype, device) -> ConvState:
         return ConvState(torch.zeros(batch, self.length_kernel - 1, self.sparsity * self.d_module,

@@ -95,4 +95,6 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
 
 
 def load_state(checkpoint: str | Path) -> dict:
-    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=True)
+    """The trainer state, its tensors mapped from the file: a rank reads only what it uses (under
+    FSDP rank 0 alone reads the optimizer state and sends the others their shards)."""
+    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=True, mmap=True)

@@ -1,25 +1,19 @@
 """Data parallelism with PyTorch's own stack: torchrun sets the environment, DDP or FSDP2 wraps the
-model from outside (the model file knows nothing of it)."""
+model from outside (the model file knows nothing of it).
+
+FSDP and its state-dict tools are imported where they are used: loading them takes half a second,
+which `stacklm generate` and `eval`, also importers of this module, need not pay."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from stacklm.device import resolve_device
@@ -62,38 +56,49 @@ def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device, kind:
     """`kind="ddp"`: DDP over every parameter except those named in `ignore` (each rank's own expert
     shares). `kind="fsdp"`: FSDP2, which shards `model` in place (build the optimizer afterwards):
     each block of the model's stacks is a unit whose weights are gathered just before it runs and
-    freed after; the embeddings, final norm and head (tied or not) are the root's unit."""
+    freed after; the rest (embeddings, positions, final norms, head) is the root's unit, gathered
+    for the whole forward and backward."""
     if info.world == 1:
         return model
     if kind == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # Each rank shards its own copy: make them rank 0's, as DDP does when it wraps
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+        mesh = init_device_mesh(device.type, (info.world,))  # the run's device, not the default accelerator
         for stack in model.stacks().values():
             for block in stack:
-                fully_shard(block)
-        fully_shard(model)
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     if ignore:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-@contextlib.contextmanager
-def gradient_sync(parallel: nn.Module, sync: bool) -> Iterator[None]:
-    """Backward passes inside reduce the gradients across ranks (`sync`), or only accumulate them
-    on this rank (the micro-batches before a step's last)."""
-    if isinstance(parallel, FSDPModule):
-        parallel.set_requires_gradient_sync(sync)
-    with parallel.no_sync() if isinstance(parallel, DistributedDataParallel) and not sync else contextlib.nullcontext():
-        yield
+def gradient_sync(parallel: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """The context of a micro-batch's backward pass. DDP all-reduces the gradients only on a step's
+    last micro-batch and accumulates whole ones before it; FSDP reduce-scatters on every
+    micro-batch, so that each rank only ever holds its shard of the gradients."""
+    if isinstance(parallel, DistributedDataParallel) and not last:
+        return parallel.no_sync()
+    return contextlib.nullcontext()
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_`; under FSDP the total norm of the sharded gradients comes
     back whole (a plain tensor, the same on every rank)."""
+    from torch.distributed.tensor import DTensor
+
     total = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return total.full_tensor() if isinstance(total, DTensor) else total
 
 
 def is_fully_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
@@ -101,6 +106,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     """An FSDP model's unsharded state dict and its optimizer's (keyed by parameter name), in host
     memory on rank 0 and empty elsewhere. A collective: every rank calls it. Tied parameters share
     one tensor again (the gather returns a copy per name), so a file stores them once."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
     # safetensors saves only tensors that cover their storage; a gather of uneven shards (a
@@ -114,10 +125,38 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return weights, get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Shard an optimizer state that `full_state` saved into this FSDP model's optimizer (any
-    number of ranks: the state is whole and keyed by parameter name)."""
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
+    """Shard an optimizer state that `full_state` saved into this FSDP model's optimizer, on any
+    number of ranks (the state is whole and keyed by parameter name). Rank 0 reads `state` and
+    sends each rank its shards; the others pass None and need not hold the whole state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters, in the order `optimizer.state_dict()` numbers them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An `optimizer.state_dict()` (parameters numbered) keyed by parameter name instead, the form
+    `full_state` saves under FSDP."""
+    names = parameter_names(model, optimizer)
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def optimizer_state_by_index(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """The inverse of `optimizer_state_by_name`: a state keyed by name as `optimizer.load_state_dict`
+    takes it."""
+    index = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 def shutdown(info: Dist) -> None:

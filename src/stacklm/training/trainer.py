@@ -117,22 +117,30 @@ def optimizer_layout(sharded_experts: bool, fully_sharded: bool) -> str:
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, state: dict, layout: str,
                       info: Dist, checkpoint: Path) -> None:
-    """Load this rank's optimizer state from a checkpoint's trainer state."""
+    """Load this rank's optimizer state from a checkpoint's trainer state. A whole state (one
+    process, DDP, FSDP) resumes under any of them, on any number of ranks; expert-parallel
+    states only as they were saved."""
     saved = state.get("layout") or ("expert_parallel" if state.get("expert_parallel") else "replicated")
-    if saved == layout == "replicated":
-        return optimizer.load_state_dict(state["optimizer"])
-    if saved == layout == "fsdp":
-        return distributed.load_full_optimizer_state(model, optimizer, state["optimizer"])
-    if saved == layout == "expert_parallel" and len(state["optimizer"]) == info.world:
-        return optimizer.load_state_dict(state["optimizer"][info.rank])
+    whole = ("replicated", "fsdp")
+    if saved in whole and layout == "replicated":
+        optim = state["optimizer"]
+        optimizer.load_state_dict(optim if saved == "replicated" else
+                                  distributed.optimizer_state_by_index(model, optimizer, optim))
+    elif saved in whole and layout == "fsdp":
+        optim = state["optimizer"] if info.main else None  # rank 0 sends the others their shards
+        if optim is not None and saved == "replicated":
+            optim = distributed.optimizer_state_by_name(model, optimizer, optim)
+        distributed.load_full_optimizer_state(model, optimizer, optim)
+    elif saved == layout == "expert_parallel" and len(state["optimizer"]) == info.world:
+        optimizer.load_state_dict(state["optimizer"][info.rank])
+    else:
+        def describe(layout: str, ranks: int) -> str:
+            return {"replicated": "no sharding (one process or DDP)", "fsdp": "FSDP",
+                    "expert_parallel": f"expert parallelism over {ranks} ranks"}[layout]
 
-    def describe(layout: str, ranks: int) -> str:
-        return {"replicated": "no sharding (one process or DDP)", "fsdp": "FSDP",
-                "expert_parallel": f"expert parallelism over {ranks} ranks"}[layout]
-
-    raise UserError(f"--resume: {checkpoint} was saved with {describe(saved, len(state['optimizer']))} and "
-                    f"this run has {describe(layout, info.world)}; resume with the same "
-                    f"train.expert_parallel, train.data_parallel and number of processes")
+        raise UserError(f"--resume: {checkpoint} was saved with {describe(saved, len(state['optimizer']))} "
+                        f"and this run has {describe(layout, info.world)}; a run with sharded experts "
+                        f"resumes with the same train.expert_parallel and number of processes")
 
 
 def train(config: Config, resume: bool = False, overwrite: bool = False,
@@ -212,14 +220,14 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     def save(at: int) -> Path | None:
         # Sharded runs gather on the main rank, which writes the unsharded model: FSDP with the
         # unsharded optimizer state; sharded experts with every rank's optimizer state
-        weights, optim_state = model, optimizer.state_dict()
         if layout == "fsdp":
             weights, optim_state = distributed.full_state(model, optimizer)
         elif layout == "expert_parallel":  # through host memory: rank 0's device need not hold every rank's state
             weights = expert_parallel.full_state_dict(model)
-            gathered = [None] * info.world if info.main else None
-            torch.distributed.gather_object(to_cpu(optim_state), gathered)
-            optim_state = gathered
+            optim_state = [None] * info.world if info.main else None
+            torch.distributed.gather_object(to_cpu(optimizer.state_dict()), optim_state)
+        else:
+            weights, optim_state = model, optimizer.state_dict()
         if not info.main:
             return None
         state = {"step": at, "skipped_steps": skipped, "optimizer": optim_state, "layout": layout,
@@ -237,7 +245,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         for micro in range(tcfg.grad_accum):
             batch = next(loader).to(device, non_blocking=True)
             last = micro == tcfg.grad_accum - 1
-            with distributed.gradient_sync(parallel, sync=last):
+            with distributed.gradient_sync(parallel, last):
                 with autocast:
                     loss, count = objective.loss(net, batch)
                     aux = model.auxiliary_loss()  # MoE load balance and router z-loss, if any
