@@ -9,7 +9,8 @@ width), so both pass each token through the same number of weights.
    the same with one grouped GEMM (`dispatch: grouped`, `torch._grouped_mm`); the dense FFN of the
    same width is the floor.
 2. Training step time (forward, backward, AdamW) of the two presets, bf16 autocast, eager.
-3. Decoding: batch-1 ms/token with the KV cache, (time for n tokens - time for 1) / (n - 1).
+3. Decoding: batch-1 ms/token with the KV cache, (time for n tokens - time for 1) / (n - 1), eager
+   and with the compiled one-token step.
 4. Quality: both presets trained for the same steps, seed and batches on the default corpus, the
    MoE validated every `--eval-every` steps. steps_to_dense_loss is the first step at which the
    MoE's validation loss reaches the dense model's final one (linear between validations), over
@@ -108,15 +109,19 @@ def train_steps(rounds: int, batch: int, seq_len: int) -> tuple[list, list[float
 
 
 def decode(rounds: int, new_tokens: int) -> list:
+    """Batch-1 ms/token, eager and with the compiled one-token step (`generate(compile=True)`)."""
     built = {name: m.eval() for name, m in models().items()}
     prompt = torch.randint(0, 8192, (1, 16))
-    calls = {(name, n): (lambda m=m, n=n: stacklm.generate(m, prompt, n, temperature=0))
-             for name, m in built.items() for n in (new_tokens, 1)}
-    times = alternate(calls, rounds)
-    steps = {name: [(t - t1) / (new_tokens - 1) for t, t1 in zip(times[name, new_tokens], times[name, 1], strict=True)]
-             for name in built}
-    return [[name, f"{1000 * median(steps[name]):.2f}", f"{speedup(steps['dense'], steps[name]):.2f}x"]
-            for name in built]
+    rows = []
+    for compile in (False, True):
+        calls = {(name, n): (lambda m=m, n=n, c=compile: stacklm.generate(m, prompt, n, temperature=0, compile=c))
+                 for name, m in built.items() for n in (new_tokens, 1)}
+        times = alternate(calls, rounds)
+        steps = {name: [(t - t1) / (new_tokens - 1) for t, t1 in zip(times[name, new_tokens], times[name, 1], strict=True)]
+                 for name in built}
+        rows += [[f"{name}, {'compiled' if compile else 'eager'}", f"{1000 * median(steps[name]):.2f}",
+                  f"{speedup(steps['dense'], steps[name]):.2f}x"] for name in built]
+    return rows
 
 
 def quality(steps: int | None, eval_every: int, moe_overrides: list[str]) -> dict:

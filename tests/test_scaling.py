@@ -194,6 +194,13 @@ def test_load_points_counts_matmul_parameters_and_trained_tokens(tmp_path):
     assert D.tolist() == [100 * 3 * 2 * 64, 40 * 2 * 1 * 64]  # step x batch x accumulation x seq_len
     assert loss.tolist() == [4.0, 4.5]  # the last validation, not a training record
 
+    # A run that recorded its trained tokens (over all data-parallel ranks) is taken at its word
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[-1]["trained_tokens"] = 2 * 40 * 2 * 1 * 64
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_points([tmp_path / "b"])[1].tolist() == [2 * 40 * 2 * 1 * 64]
+
 
 def test_cli_fit_run_directories(tmp_path, capsys, thin_grid):
     runs = []

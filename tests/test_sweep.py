@@ -1,4 +1,6 @@
+import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -33,3 +35,21 @@ def test_best_lr_picks_the_lowest_loss_per_width():
     assert best_lr(rows) == {64: 2e-3}
     with pytest.raises(KeyError):
         best_lr(rows)[128]
+
+
+def test_an_interrupted_point_resumes_from_its_checkpoint(tmp_path, cache_dir):
+    """A point stopped after a mid-run checkpoint is resumed, not retrained, and ends as it would
+    have (float32, deterministic: the same loss)."""
+    overrides = [f"data.cache_dir={cache_dir}", "train.progress=false", "train.steps=4", "train.ckpt_every=2",
+                 "train.keep_last=5", "train.deterministic=true", "train.dtype=float32", "train.threads=1"]
+    grid = ("configs/tiny.yaml", overrides, [32], [1e-3], tmp_path)
+    [straight] = run_sweep(*grid, log=lambda m: None)
+    run = tmp_path / "w32-lr0.001"
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "checkpoints" / "latest").unlink()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(line for line in metrics.read_text().splitlines(keepends=True)
+                               if json.loads(line)["step"] <= 2))
+    logged = []
+    [resumed] = run_sweep(*grid, log=logged.append)
+    assert logged[0].startswith("resuming width 32") and resumed == straight

@@ -225,9 +225,9 @@ def interval(values, level: float = 0.95) -> tuple[float, float]:
 
 def load_points(run_dirs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, D, loss) of stacklm run directories: N the parameters in matmuls (the module docstring),
-    D the tokens trained up to the last validation (its step x train.batch_size x train.grad_accum x
-    data.seq_len: one process; a data-parallel run trained world-size times more), loss that
-    validation's loss."""
+    D the tokens trained up to the last validation, over all data-parallel ranks (as the trainer
+    records it; for runs older than that record, its step x train.batch_size x train.grad_accum x
+    data.seq_len, one process's), loss that validation's loss."""
     rows = []
     for run_dir in map(Path, run_dirs):
         if not run_dir.is_dir():
@@ -247,8 +247,8 @@ def load_points(run_dirs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.device("meta"):  # counts the parameters without allocating them
             n = build_model(config).num_params(embedding=False)
         train = config.train
-        rows.append((n, val[-1]["step"] * train.batch_size * train.grad_accum * config.data.seq_len,
-                     val[-1]["loss"]))
+        d = val[-1].get("trained_tokens") or val[-1]["step"] * train.batch_size * train.grad_accum * config.data.seq_len
+        rows.append((n, d, val[-1]["loss"]))
     return split(rows)
 
 

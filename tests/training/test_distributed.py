@@ -41,6 +41,7 @@ def test_two_process_data_parallel_matches_one_process(tiny, tmp_path, cache_dir
         proc = torchrun_train(*common, "train.batch_size=4", f"train.data_parallel={kind}",
                               f"train.out_dir={tmp_path / kind}")
         assert train_losses(tmp_path / kind) == pytest.approx(single.losses, rel=1e-5), kind
+        assert read_metrics(tmp_path / kind, "val")[-1]["trained_tokens"] == 6 * 2 * 4 * 64  # all ranks'
         assert "validation after 6 steps" in proc.stdout and proc.stdout.count("validation after") == 1
 
 

@@ -192,17 +192,18 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     objective = OBJECTIVE.build(tcfg.objective, data.tokenizer, config.model)
     optimizer = build_optimizer(model, tcfg, device)
     loader = PackedLoader(data.train, seq_len, tcfg.batch_size, tcfg.seed, rank=info.rank, world=info.world)
-    step, skipped = 0, 0
+    tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * info.world
+    step, skipped, trained_tokens = 0, 0, 0  # trained_tokens: over all ranks, for scaling fits' D
     if latest is not None:
         state = load_state(latest)
         restore_optimizer(optimizer, model, state, layout, info, latest)
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         step, skipped = state["step"], state["skipped_steps"]
+        trained_tokens = state.get("trained_tokens", step * tokens_per_step)
         log(f"resuming {run_dir} from step {step}")
     net = torch.compile(parallel) if tcfg.compile else parallel
 
-    tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * info.world
     autocast_dtype = resolve_dtype(tcfg.dtype, device)
     log(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token (train); "
         f"{tokens_per_step} tokens/step on {info.world} x {device}, {tcfg.dtype} -> {autocast_dtype}")
@@ -230,7 +231,8 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
             weights, optim_state = model, optimizer.state_dict()
         if not info.main:
             return None
-        state = {"step": at, "skipped_steps": skipped, "optimizer": optim_state, "layout": layout,
+        state = {"step": at, "skipped_steps": skipped, "trained_tokens": trained_tokens,
+                 "optimizer": optim_state, "layout": layout,
                  "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()}}
         return ckpt.save(at, weights, state)
 
@@ -276,6 +278,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
                     f"train.grad_clip, or train.dtype=float32")
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        trained_tokens += tokens_per_step
         losses.append(mean_loss)
         tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
         bar.update(1)
@@ -285,13 +288,13 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
                         tokens_per_s=tokens_per_s, skipped_steps=skipped, **model.layer_metrics())
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
             val = run_eval()
-            metrics.log(step, "val", **val)
+            metrics.log(step, "val", **val, trained_tokens=trained_tokens)
             bar.write(f"step {step}: val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}  bpb {val['bpb']:.4f}")
         if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.steps:
             save(step)
     bar.close()
     val = run_eval()
-    metrics.log(step, "val", **val)
+    metrics.log(step, "val", **val, trained_tokens=trained_tokens)
     metrics.close()
     save(step)
     info.barrier()
