@@ -214,9 +214,11 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     bar = tqdm(total=tcfg.steps, initial=step, disable=not (tcfg.progress and info.main),
                desc="train", dynamic_ncols=True)
 
-    def run_eval() -> dict:
-        return evaluate(model, data.val, seq_len, config.eval.batch_size, tcfg.eval_batches, device,
-                        autocast_dtype, info, encoder_input=objective.encoder_input([]))
+    def validate() -> dict:
+        val = evaluate(model, data.val, seq_len, config.eval.batch_size, tcfg.eval_batches, device,
+                       autocast_dtype, info, encoder_input=objective.encoder_input([]))
+        metrics.log(step, "val", **val, trained_tokens=trained_tokens)
+        return val
 
     def save(at: int) -> Path | None:
         # Sharded runs gather on the main rank, which writes the unsharded model: FSDP with the
@@ -287,14 +289,12 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
             metrics.log(step, "train", loss=mean_loss, lr=lr, grad_norm=float(grad_norm),
                         tokens_per_s=tokens_per_s, skipped_steps=skipped, **model.layer_metrics())
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-            val = run_eval()
-            metrics.log(step, "val", **val, trained_tokens=trained_tokens)
+            val = validate()
             bar.write(f"step {step}: val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}  bpb {val['bpb']:.4f}")
         if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.steps:
             save(step)
     bar.close()
-    val = run_eval()
-    metrics.log(step, "val", **val, trained_tokens=trained_tokens)
+    val = validate()
     metrics.close()
     save(step)
     info.barrier()
