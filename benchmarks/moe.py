@@ -113,13 +113,13 @@ def decode(rounds: int, new_tokens: int) -> list:
     built = {name: m.eval() for name, m in models().items()}
     prompt = torch.randint(0, 8192, (1, 16))
     rows = []
-    for compile in (False, True):
-        calls = {(name, n): (lambda m=m, n=n, c=compile: stacklm.generate(m, prompt, n, temperature=0, compile=c))
+    for compiled in (False, True):
+        calls = {(name, n): (lambda m=m, n=n, c=compiled: stacklm.generate(m, prompt, n, temperature=0, compile=c))
                  for name, m in built.items() for n in (new_tokens, 1)}
         times = alternate(calls, rounds)
         steps = {name: [(t - t1) / (new_tokens - 1) for t, t1 in zip(times[name, new_tokens], times[name, 1], strict=True)]
                  for name in built}
-        rows += [[f"{name}, {'compiled' if compile else 'eager'}", f"{1000 * median(steps[name]):.2f}",
+        rows += [[f"{name}, {'compiled' if compiled else 'eager'}", f"{1000 * median(steps[name]):.2f}",
                   f"{speedup(steps['dense'], steps[name]):.2f}x"] for name in built]
     return rows
 

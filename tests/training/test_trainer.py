@@ -66,9 +66,10 @@ def test_checkpoints_saved_before_optimizer_layouts_still_resume(tiny, tmp_path)
     (old / "checkpoints" / "latest").unlink()
     path = old / "checkpoints" / "step_00000002" / "trainer_state.pt"
     state = torch.load(path, weights_only=True)
-    del state["layout"]
+    del state["layout"], state["trained_tokens"]
     torch.save({**state, "expert_parallel": False}, path)
     assert train(tiny(*run, f"train.out_dir={old}"), resume=True, **QUIET).losses == straight.losses[2:]
+    assert read_metrics(old, "val")[-1]["trained_tokens"] == 4 * 8 * 64  # steps x batch x seq_len
 
 
 def test_existing_run_is_not_overwritten(tiny):

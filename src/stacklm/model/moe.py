@@ -179,9 +179,12 @@ class ExpertList(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # x: (M, D) sorted by expert, counts: (E,) -> (M, D)
-        # Every expert runs, on an empty slice if no token reached it, so that each has a (zero)
-        # gradient on every rank: DDP and FSDP reduce the same set of gradients everywhere
-        return torch.cat([expert(xs) for expert, xs in zip(self.experts, x.split(counts.tolist()), strict=True)])
+        # With gradients, every expert runs, on an empty slice if no token reached it, so that each
+        # has a (zero) gradient on every rank: DDP and FSDP reduce the same gradients everywhere
+        grads = torch.is_grad_enabled()
+        outs = [expert(xs) for expert, xs in zip(self.experts, x.split(counts.tolist()), strict=True)
+                if xs.size(0) or grads]
+        return torch.cat(outs) if outs else x.new_empty(0, x.size(-1))
 
 
 @FFN.register("moe", MoEConfig)
@@ -228,6 +231,9 @@ class MoE(nn.Module):
         # x: (B, T, D) -> (B, T, D)
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
+        # Few assignments (a decode step): straight through the experts' weights. The bound keeps
+        # the compiled form's gathered weights within one copy of the experts; more tokens go
+        # faster through the sorted grouped GEMM
         if decoding and valid is None and B * T * self.top_k <= self.n_experts and hasattr(self.experts, "per_token"):
             return self.decode(flat).view(B, T, D)
         n = torch.arange(B * T, device=x.device) if valid is None else valid.flatten().nonzero().squeeze(1)

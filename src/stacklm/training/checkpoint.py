@@ -94,7 +94,6 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
                         f"unexpected {sorted(unexpected)[:5]}")
 
 
-def load_state(checkpoint: str | Path) -> dict:
-    """The trainer state, its tensors mapped from the file: a rank reads only what it uses (under
-    FSDP rank 0 alone reads the optimizer state and sends the others their shards)."""
-    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=True, mmap=True)
+def load_state(checkpoint: str | Path, mmap: bool = False) -> dict:
+    """The trainer state; with `mmap` its tensors are mapped from the file, read only if used."""
+    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=True, mmap=mmap)

@@ -64,9 +64,7 @@ def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device, kind:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        # Each rank shards its own copy: make them rank 0's, as DDP does when it wraps
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
+        broadcast_weights(model)  # each rank shards its own copy: make them rank 0's, as DDP does
         mesh = init_device_mesh(device.type, (info.world,))  # the run's device, not the default accelerator
         for stack in model.stacks().values():
             for block in stack:
@@ -76,6 +74,12 @@ def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device, kind:
     if ignore:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def broadcast_weights(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (before each keeps a shard of them)."""
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
 
 
 def gradient_sync(parallel: nn.Module, last: bool) -> contextlib.AbstractContextManager:
@@ -127,8 +131,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
     """Shard an optimizer state that `full_state` saved into this FSDP model's optimizer, on any
-    number of ranks (the state is whole and keyed by parameter name). Rank 0 reads `state` and
-    sends each rank its shards; the others pass None and need not hold the whole state."""
+    number of ranks (the state is whole and keyed by parameter name). Only rank 0 reads `state`
+    (the others pass None): each tensor is broadcast from it in turn, and every rank keeps its
+    shard, so no rank holds more than one whole tensor of it at a time."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state or {},
@@ -141,21 +146,13 @@ def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+def rekey_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, by_name: bool) -> dict:
     """An `optimizer.state_dict()` (parameters numbered) keyed by parameter name instead, the form
-    `full_state` saves under FSDP."""
+    `full_state` saves under FSDP (`by_name`); or back (not `by_name`)."""
     names = parameter_names(model, optimizer)
-    return {"state": {names[i]: value for i, value in state["state"].items()},
-            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                             for group in state["param_groups"]]}
-
-
-def optimizer_state_by_index(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    """The inverse of `optimizer_state_by_name`: a state keyed by name as `optimizer.load_state_dict`
-    takes it."""
-    index = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
-    return {"state": {index[name]: value for name, value in state["state"].items()},
-            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+    key = dict(enumerate(names)) if by_name else {name: i for i, name in enumerate(names)}
+    return {"state": {key[k]: value for k, value in state["state"].items()},
+            "param_groups": [{**group, "params": [key[k] for k in group["params"]]}
                              for group in state["param_groups"]]}
 
 

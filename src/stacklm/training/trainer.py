@@ -102,9 +102,7 @@ def shard_experts(model: torch.nn.Module, info: Dist) -> bool:
                         "model.ffn=moe, or train.expert_parallel=false")
     if info.world == 1:
         return False
-    # Each rank keeps its slice of the same experts: make sure all start from rank 0's weights
-    for tensor in model.state_dict().values():
-        torch.distributed.broadcast(tensor, src=0)
+    distributed.broadcast_weights(model)  # each rank keeps its slice of the same experts: rank 0's
     expert_parallel.apply_expert_parallel(model)
     return True
 
@@ -125,11 +123,11 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
     if saved in whole and layout == "replicated":
         optim = state["optimizer"]
         optimizer.load_state_dict(optim if saved == "replicated" else
-                                  distributed.optimizer_state_by_index(model, optimizer, optim))
+                                  distributed.rekey_optimizer_state(model, optimizer, optim, by_name=False))
     elif saved in whole and layout == "fsdp":
-        optim = state["optimizer"] if info.main else None  # rank 0 sends the others their shards
+        optim = state["optimizer"] if info.main else None  # each tensor is broadcast from rank 0
         if optim is not None and saved == "replicated":
-            optim = distributed.optimizer_state_by_name(model, optimizer, optim)
+            optim = distributed.rekey_optimizer_state(model, optimizer, optim, by_name=True)
         distributed.load_full_optimizer_state(model, optimizer, optim)
     elif saved == layout == "expert_parallel" and len(state["optimizer"]) == info.world:
         optimizer.load_state_dict(state["optimizer"][info.rank])
@@ -193,15 +191,18 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     optimizer = build_optimizer(model, tcfg, device)
     loader = PackedLoader(data.train, seq_len, tcfg.batch_size, tcfg.seed, rank=info.rank, world=info.world)
     tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * info.world
-    step, skipped, trained_tokens = 0, 0, 0  # trained_tokens: over all ranks, for scaling fits' D
+    step, skipped, trained_tokens = 0, 0, 0  # trained_tokens: of the steps taken, over all ranks (D)
     if latest is not None:
-        state = load_state(latest)
+        # Mapped from the file under FSDP, where rank 0 alone reads the optimizer state (copies
+        # of it are then sharded); read whole otherwise, as the optimizer keeps what it is given
+        state = load_state(latest, mmap=layout == "fsdp")
         restore_optimizer(optimizer, model, state, layout, info, latest)
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         step, skipped = state["step"], state["skipped_steps"]
         trained_tokens = state.get("trained_tokens", step * tokens_per_step)
         log(f"resuming {run_dir} from step {step}")
+        del state
     net = torch.compile(parallel) if tcfg.compile else parallel
 
     autocast_dtype = resolve_dtype(tcfg.dtype, device)
@@ -268,6 +269,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         mean_loss = info.all_reduce_sum(loss_sum / tcfg.grad_accum).item() / info.world
         if torch.isfinite(grad_norm) and math.isfinite(mean_loss):
             optimizer.step()
+            trained_tokens += tokens_per_step
             in_a_row = 0
         else:
             skipped += 1
@@ -280,7 +282,6 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
                     f"train.grad_clip, or train.dtype=float32")
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        trained_tokens += tokens_per_step
         losses.append(mean_loss)
         tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
         bar.update(1)
