@@ -1,4 +1,7 @@
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +27,22 @@ def tiny(tmp_path, cache_dir):
                                                  *overrides])
 
     return make
+
+
+@pytest.fixture
+def torchrun_train():
+    """`stacklm train configs/tiny.yaml ITEMS...` under torchrun on `ranks` CPU processes (gloo, one
+    thread each); fails the test if the run fails."""
+
+    def run(*items: str, ranks: int = 2) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               "-m", "stacklm.cli", "train", "configs/tiny.yaml", *items]
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run
 
 
 @pytest.fixture(autouse=True)

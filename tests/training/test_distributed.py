@@ -1,7 +1,4 @@
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,22 +13,13 @@ COMMON = ["train.log_every=1", "train.dtype=float32", "train.threads=1", "train.
 MUP = ["model.parametrization=mup", "model.base_width=32"]
 
 
-def torchrun_train(*items: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           "-m", "stacklm.cli", "train", "configs/tiny.yaml", *items]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir, "train")]
 
 
 @pytest.mark.parametrize("model", [(), MUP, ("model.arch=encoder_decoder", "train.objective.kind=ul2")],
                          ids=["dense", "mup", "ul2-encdec"])
-def test_two_process_data_parallel_matches_one_process(tiny, tmp_path, cache_dir, model):
+def test_two_process_data_parallel_matches_one_process(tiny, tmp_path, cache_dir, torchrun_train, model):
     """2 ranks x batch 4 (gloo, CPU), under DDP and under FSDP2, take the same steps as 1 process
     with batch 8: with muP's per-group learning rates, and with UL2, whose rows hold different
     numbers of target tokens (the ranks' mean losses are weighted by their counts)."""
@@ -55,7 +43,7 @@ def resume_from(run, at: int, copy_to):
     return copy_to
 
 
-def test_fsdp_checkpoints_are_whole_and_resume_anywhere(tiny, tmp_path, cache_dir):
+def test_fsdp_checkpoints_are_whole_and_resume_anywhere(tiny, tmp_path, cache_dir, torchrun_train):
     """FSDP under muP, with gradient accumulation and clipping, matches one process step for
     step. Its checkpoint is the unsharded model and optimizer state: it resumes exactly under
     FSDP on 2 ranks, on 3 ranks (against one process with the same global batch), and in one
@@ -93,7 +81,7 @@ def test_fsdp_checkpoints_are_whole_and_resume_anywhere(tiny, tmp_path, cache_di
     assert train_losses(converted) == pytest.approx(single.losses, rel=1e-5)
 
 
-def test_fsdp_matches_ddp_for_moe_with_sparse_experts(tmp_path, cache_dir):
+def test_fsdp_matches_ddp_for_moe_with_sparse_experts(tmp_path, cache_dir, torchrun_train):
     """MoE capacity is per rank, so 2 ranks do not take one process's steps; FSDP and DDP take the
     same ones, with muP scaling the sparse experts' parameters."""
     common = [*COMMON, *MUP, "train.steps=4", "train.batch_size=4", f"data.cache_dir={cache_dir}", "model.ffn=moe",

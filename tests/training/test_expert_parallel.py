@@ -1,8 +1,6 @@
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -85,16 +83,7 @@ def test_two_ranks_match_one_process_holding_all_experts(case, tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "store"), CASES[case]), nprocs=WORLD, join=True)
 
 
-def torchrun_train(*items: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "stacklm.cli", "train", "configs/tiny.yaml", *items]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def test_stacklm_train_with_expert_parallelism(tiny, tmp_path, cache_dir):
+def test_stacklm_train_with_expert_parallelism(tiny, tmp_path, cache_dir, torchrun_train):
     """`stacklm train ... train.expert_parallel=true` under torchrun takes the same steps as plain
     DDP (gradient clipping on the global norm included, and muP's per-group learning rates, which
     the sharded experts take by their unsharded names), writes the unsharded model, and resumes
