@@ -8,7 +8,11 @@ of the per-round ratios FSDP / DDP on rank 0. Their losses must agree step for s
 
 The state each rank holds for training (parameters, gradients and AdamW's two moments, all
 float32) is counted from its tensors: DDP keeps all of it on every rank, FSDP 1 / world of it
-plus, while a block runs, that block's gathered weights.
+plus, while a block runs, that block's gathered weights. Then the memory is measured: each
+wrapping alone, in fresh processes, trains a larger model (d_model 512, 8 layers; --quick: the
+timed one) for a few steps; each rank's peak resident memory over what it held before the model
+was built is read from /proc (the larger of the two ranks'), once for building and wrapping the
+model (every rank builds it whole before FSDP shards it) and once, restarted, for the steps.
 
     python -m benchmarks.data_parallel [--quick] [--rounds N]
 """
@@ -32,6 +36,13 @@ from stacklm.training.optim import build_optimizer
 
 WORLD = 2
 QUICK = ["model.d_model=128", "model.n_layers=2", "model.vocab_size=4096", "data.seq_len=128"]
+MEMORY = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8"]
+
+
+def resident(field: str) -> int:
+    """This process's VmRSS or VmHWM (its peak) in bytes."""
+    with open("/proc/self/status") as f:
+        return 1024 * int(next(line.split()[1] for line in f if line.startswith(f"{field}:")))
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -46,18 +57,23 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
     return held
 
 
-def worker(rank: int, store: str, overrides: list[str], rounds: int, batch: int, results: dict) -> None:
+def worker(rank: int, store: str, overrides: list[str], kinds: tuple[str, ...], rounds: int, batch: int,
+           results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     info, device = distributed.Dist(rank, WORLD, rank), torch.device("cpu")
     config = stacklm.Config.load("configs/default.yaml", overrides)
     seq_len, vocab = config.data.seq_len, config.model.vocab_size
+    before = resident("VmRSS")
     setups = {}
-    for kind in ("ddp", "fsdp"):
+    for kind in kinds:
         torch.manual_seed(0)  # the same weights in both, and on every rank
         model = stacklm.build_model(config).train()
         parallel = distributed.wrap_data_parallel(model, info, device, kind)
         setups[kind] = (model, parallel, build_optimizer(model, config.train, device))
+    built = resident("VmHWM") - before  # the whole model is built on each rank before sharding
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # restart the peak (VmHWM) from the present resident memory
     generator = torch.Generator().manual_seed(rank)
     batches = [torch.randint(0, vocab, (batch, seq_len + 1), generator=generator) for _ in range(4)]
     losses: dict[str, list[float]] = {kind: [] for kind in setups}
@@ -75,10 +91,9 @@ def worker(rank: int, store: str, overrides: list[str], rounds: int, batch: int,
         losses[kind].append(info.all_reduce_sum(loss.detach()).item() / WORLD)
 
     times = alternate({kind: (lambda kind=kind: step(kind)) for kind in setups}, rounds, warmup=2)
-    if rank == 0:
-        results.update(times=times, losses=losses,
-                       bytes={kind: state_bytes(m, o) for kind, (m, _, o) in setups.items()},
-                       params=setups["ddp"][0].num_params(), dtype=str(autocast.fast_dtype))
+    results[rank] = dict(times=times, losses=losses, built=built, peak=resident("VmHWM") - before,
+                         bytes={kind: state_bytes(m, o) for kind, (m, _, o) in setups.items()},
+                         params=setups[kinds[0]][0].num_params(), dtype=str(autocast.fast_dtype))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # see tests/training/test_expert_parallel.py: gloo's teardown aborts now and then
@@ -93,10 +108,7 @@ def main() -> None:
     rounds = args.rounds or (8 if args.quick else 20)
     overrides = QUICK if args.quick else []
     print(f"machine: {machine()}; load {load_average()}; {WORLD} gloo ranks x 1 thread")
-    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(worker, args=(f"{tmp}/store", overrides, rounds, args.batch, results), nprocs=WORLD, join=True)
-        results = dict(results)
+    results = spawn(overrides, ("ddp", "fsdp"), rounds, args.batch)[0]  # rank 0's
     times, losses, held = results["times"], results["losses"], results["bytes"]
     agree = max(abs(a - b) / abs(a) for a, b in zip(losses["ddp"], losses["fsdp"], strict=True))
     print(f"model: {results['params'] / 1e6:.1f}M parameters, batch {args.batch} x {WORLD} ranks, "
@@ -106,8 +118,27 @@ def main() -> None:
     print(table(rows, ["wrapping", "step ms (median)", "training state MiB / rank"]))
     if not math.isfinite(agree) or agree > 1e-2:  # bf16 autocast amplifies the reductions' rounding
         raise SystemExit(f"FSDP and DDP took different steps (relative loss difference {agree:.1e})")
+    peak, built, state = {}, {}, {}
+    for kind in ("ddp", "fsdp"):
+        ranks = spawn(overrides if args.quick else MEMORY, (kind,), 3, 2)
+        peak[kind] = max(r["peak"] for r in ranks.values())
+        built[kind] = max(r["built"] for r in ranks.values())
+        state[kind] = ranks[0]["bytes"][kind]
+    print(f"memory ({ranks[0]['params'] / 1e6:.1f}M parameters, batch 2 x {WORLD} ranks, 5 steps; MiB per "
+          f"rank, resident memory over what the rank held before building the model):")
+    rows = [[kind.upper(), state[kind] / 2**20, built[kind] / 2**20, peak[kind] / 2**20] for kind in ("ddp", "fsdp")]
+    print(table(rows, ["wrapping", "training state", "peak while building", "peak while training"]))
     headline("fsdp_step_time_ratio", 1 / speedup(times["ddp"], times["fsdp"]), None, "x (FSDP / DDP)")
     headline("fsdp_state_bytes_ratio", held["fsdp"] / held["ddp"], 1 / WORLD, "x (FSDP / DDP, per rank)")
+    headline("fsdp_peak_memory_ratio", peak["fsdp"] / peak["ddp"], None, "x (FSDP / DDP, per rank, measured)")
+
+
+def spawn(overrides: list[str], kinds: tuple[str, ...], rounds: int, batch: int) -> dict[int, dict]:
+    """Run `worker` on WORLD fresh processes; each rank's results."""
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(f"{tmp}/store", overrides, kinds, rounds, batch, results), nprocs=WORLD, join=True)
+        return dict(results)
 
 
 if __name__ == "__main__":
