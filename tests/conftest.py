@@ -30,6 +30,22 @@ def tiny(tmp_path, cache_dir):
 
 
 @pytest.fixture
+def stopped_copy():
+    """`copy(run, at, to)`: a copy of run directory `run` at `to`, as if the run had been killed
+    right after its step-`at` checkpoint (later checkpoints and the `latest` pointer gone)."""
+
+    def copy(run, at: int, to):
+        shutil.copytree(run, to)
+        for later in (to / "checkpoints").glob("step_*"):
+            if int(later.name.split("_")[1]) > at:
+                shutil.rmtree(later)
+        (to / "checkpoints" / "latest").unlink()
+        return to
+
+    return copy
+
+
+@pytest.fixture
 def torchrun_train():
     """`stacklm train configs/tiny.yaml ITEMS...` under torchrun on `ranks` CPU processes (gloo, one
     thread each); fails the test if the run fails."""

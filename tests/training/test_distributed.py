@@ -1,10 +1,8 @@
-import shutil
 
 import pytest
 import torch
 
 from stacklm.runs import load_run
-from stacklm.training.checkpoint import Checkpointer
 from stacklm.training.metrics import read_metrics
 from stacklm.training.trainer import train
 
@@ -33,17 +31,7 @@ def test_two_process_data_parallel_matches_one_process(tiny, tmp_path, cache_dir
         assert "validation after 6 steps" in proc.stdout and proc.stdout.count("validation after") == 1
 
 
-def resume_from(run, at: int, copy_to):
-    """A copy of `run` as if it had stopped after its step-`at` checkpoint."""
-    shutil.copytree(run, copy_to)
-    for later in Checkpointer(copy_to / "checkpoints").all():
-        if int(later.name.split("_")[1]) > at:
-            shutil.rmtree(later)
-    (copy_to / "checkpoints" / "latest").unlink()
-    return copy_to
-
-
-def test_fsdp_checkpoints_are_whole_and_resume_anywhere(tiny, tmp_path, cache_dir, torchrun_train):
+def test_fsdp_checkpoints_are_whole_and_resume_anywhere(tiny, tmp_path, cache_dir, torchrun_train, stopped_copy):
     """FSDP under muP, with gradient accumulation and clipping, matches one process step for
     step. Its checkpoint is the unsharded model and optimizer state: it resumes exactly under
     FSDP on 2 ranks, on 3 ranks (against one process with the same global batch), and in one
@@ -61,21 +49,21 @@ def test_fsdp_checkpoints_are_whole_and_resume_anywhere(tiny, tmp_path, cache_di
     for (name, p), q in zip(load_run(run).model.named_parameters(), load_run(one).model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
-    again = resume_from(run, 3, tmp_path / "again")
+    again = stopped_copy(run, 3, tmp_path / "again")
     torchrun_train(*common, "train.steps=6", "train.batch_size=2", "train.data_parallel=fsdp",
                    f"train.out_dir={again}", "--resume")
     assert train_losses(again) == straight
 
     # From the step-6 checkpoint, 2 more steps of a global batch of 6: 3 ranks x 2, or 1 x 6
-    three = resume_from(run, 6, tmp_path / "three")
+    three = stopped_copy(run, 6, tmp_path / "three")
     torchrun_train(*common, "train.steps=8", "train.batch_size=2", "train.data_parallel=fsdp",
                    f"train.out_dir={three}", "--resume", ranks=3)
-    alone = train(tiny(*common, "train.steps=8", "train.batch_size=6", f"train.out_dir={resume_from(run, 6, tmp_path / 'alone')}"),
+    alone = train(tiny(*common, "train.steps=8", "train.batch_size=6", f"train.out_dir={stopped_copy(run, 6, tmp_path / 'alone')}"),
                   resume=True, log=lambda m: None)
     assert train_losses(three)[6:] == pytest.approx(alone.losses, rel=1e-5)
 
     # One process's step-3 checkpoint, resumed under FSDP: the single run's last 3 steps
-    converted = resume_from(one, 3, tmp_path / "converted")
+    converted = stopped_copy(one, 3, tmp_path / "converted")
     torchrun_train(*common, "train.steps=6", "train.batch_size=2", "train.data_parallel=fsdp",
                    f"train.out_dir={converted}", "--resume")
     assert train_losses(converted) == pytest.approx(single.losses, rel=1e-5)

@@ -1,5 +1,4 @@
 import math
-import shutil
 
 import pytest
 import torch
@@ -38,16 +37,13 @@ SPARSE = ("model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qk
                                    ("train.objective.kind=ul2", "model.arch=encoder_decoder"),
                                    ("model.parametrization=mup", "model.base_width=32")],
                          ids=["dense", "sparse", "ul2", "ul2-encoder-decoder", "mup"])
-def test_resume_is_bitwise_exact(tiny, tmp_path, model):
+def test_resume_is_bitwise_exact(tiny, tmp_path, stopped_copy, model):
     """N steps straight == N/2 steps, a crash, resume, N/2 more: the same losses, bit for bit
     (the sparse FFN draws random numbers every step: the RNG state is part of the checkpoint;
     UL2 draws its corruption from the batch itself)."""
     run = ("train.steps=16", "train.ckpt_every=8", "train.keep_last=5", *EXACT, *model)
     straight = train(tiny(*run, f"train.out_dir={tmp_path / 'a'}"), **QUIET)
-    crashed = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", crashed)  # as if killed after the step-8 checkpoint
-    shutil.rmtree(crashed / "checkpoints" / "step_00000016")
-    (crashed / "checkpoints" / "latest").unlink()
+    crashed = stopped_copy(tmp_path / "a", 8, tmp_path / "b")
     rest = train(tiny(*run, f"train.out_dir={crashed}"), resume=True, **QUIET)
     assert rest.losses == straight.losses[8:]
     assert [r["step"] for r in read_metrics(crashed, "train")] == list(range(1, 17))
@@ -56,14 +52,11 @@ def test_resume_is_bitwise_exact(tiny, tmp_path, model):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoints_saved_before_optimizer_layouts_still_resume(tiny, tmp_path):
+def test_checkpoints_saved_before_optimizer_layouts_still_resume(tiny, tmp_path, stopped_copy):
     """A trainer state from before the `layout` key (an `expert_parallel` flag instead) resumes."""
     run = ("train.steps=4", "train.ckpt_every=2", "train.keep_last=5", *EXACT)
     straight = train(tiny(*run, f"train.out_dir={tmp_path / 'a'}"), **QUIET)
-    old = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", old)
-    shutil.rmtree(old / "checkpoints" / "step_00000004")
-    (old / "checkpoints" / "latest").unlink()
+    old = stopped_copy(tmp_path / "a", 2, tmp_path / "b")
     path = old / "checkpoints" / "step_00000002" / "trainer_state.pt"
     state = torch.load(path, weights_only=True)
     del state["layout"], state["trained_tokens"]
