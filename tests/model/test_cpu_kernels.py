@@ -12,13 +12,13 @@ from tests.conftest import require_cpu_kernels
 SPARSE = ["model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qkv=multiplicative_conv"]
 
 
-def kernel_calls(model, compile: bool = False, batch: int = 1) -> dict[str, int]:
+def kernel_calls(model, compile: bool = False, batch: int = 1, fused: bool = False) -> dict[str, int]:
     """The kernels that two decode steps call, with their counts (the profiler sees inside a
-    compiled graph too; a first run compiles it)."""
+    compiled graph too; a first run compiles it). The modules' own steps unless `fused`."""
     prompt = torch.randint(0, 512, (batch, 4))
-    generate(model, prompt, 3, temperature=0, compile=compile)
+    generate(model, prompt, 3, temperature=0, compile=compile, fused=fused)
     with profile() as prof:
-        generate(model, prompt, 3, temperature=0, compile=compile)
+        generate(model, prompt, 3, temperature=0, compile=compile, fused=fused)
     return {event.key: event.count for event in prof.key_averages() if event.key.startswith("stacklm::")}
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from stacklm.inference import cpu_step
 from stacklm.model import cpu_kernels
 
 
@@ -33,7 +34,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
              generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False,
+             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False, fused: bool = True,
              encoder_ids: torch.Tensor | None = None, encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Continue `prompt` (B, T) by up to max_new_tokens; returns (B, T + n) ids. An
     encoder-decoder's decoder continues `prompt` reading `encoder_ids` (B, S), encoded once (of
@@ -41,8 +42,11 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
 
     Stops when every sequence has produced `eos_id` (later positions of a finished sequence
     repeat it) or at model.max_seq_len. `on_token` receives each new (B,) column as it is made.
-    compile=True runs the one-token steps through `compiled_decode_step(model)`: the first call
-    compiles for tens of seconds, later tokens come several times faster on CPU.
+    The one-token steps of a single sequence on the CPU run as one C++ call
+    (`stacklm.inference.cpu_step`) where the model's components allow it and `fused` is true; no
+    compilation, and faster than either path below. Otherwise compile=True runs them through
+    `compiled_decode_step(model)`: the first call compiles for tens of seconds, later tokens come
+    several times faster on CPU than the modules' own forward.
     """
     was_training = model.training
     model.eval()
@@ -51,7 +55,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     context = {} if encoder_ids is None else {"encoder_ids": encoder_ids, "encoder_lengths": encoder_lengths}
     state = model.new_state(b, t + max_new_tokens, **context)
     logits = model(prompt, state)[:, -1]
-    step = compiled_decode_step(model) if compile else model
+    step = (b == 1 and fused and cpu_step.fused_step(model)) or (compiled_decode_step(model) if compile else model)
     out = [prompt]
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):

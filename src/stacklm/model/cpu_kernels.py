@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = sorted(CSRC.glob("*.cpp"))  # with common.h, which they include
+SOURCES = sorted(CSRC.glob("*.cpp"))
+HEADERS = sorted(CSRC.glob("*.h"))  # which the sources include
 DTYPES = (torch.float32, torch.bfloat16)  # those the kernels are built for (they accumulate in float32)
 # Module state read by the models' forward (Dynamo guards on it): whether the library is loaded,
 # and whether it may be used now.
@@ -91,7 +92,7 @@ def _build_name() -> str:
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_bytes().splitlines()
         cpu = b"".join(sorted({line for line in lines if line.startswith((b"flags", b"model name"))}))
-    sources = b"".join(f.read_bytes() for f in [*SOURCES, CSRC / "common.h"])
+    sources = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS])
     digest = hashlib.sha256(cpu + platform.machine().encode() + sources).hexdigest()[:16]
     return f"stacklm_cpu_kernels_{digest}"
 

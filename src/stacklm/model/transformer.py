@@ -114,12 +114,18 @@ class Transformer(nn.Module):
         """The last blocks' output -> logits, or the loss on targets; advances the decode state."""
         if state is not None:
             state.advance(idx.size(1))
-        x = self.norm(x)
-        if self.config.parametrization == "mup":  # muP's readout multiplier, on x: the logits' factor
-            x = x * (self.config.output_mult / mup.width_mult(self.config))
+        x = self.readout(x)
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets)
         return self.lm_head(x)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """The last blocks' output -> the output projection's input: the final norm, and muP's
+        readout multiplier (on x rather than on the logits: the same factor)."""
+        x = self.norm(x)
+        if self.config.parametrization == "mup":
+            x = x * (self.config.output_mult / mup.width_mult(self.config))
+        return x
 
     def new_state(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> DecodeState:
         """Empty decode state for `batch` sequences of up to `max_len` tokens."""

@@ -1,0 +1,255 @@
+// A decoder-only model's one-token decode step, batch 1, every block in one call
+// (inference/cpu_step.py): for each block, the norm, q/k/v, the rotation, the KV-cache write,
+// attention over the cache, the output projection, the residual, the norm and the FFN.
+//
+// Decoding one token reads every weight once and does little arithmetic, so on a CPU its time is
+// the weights' bytes over the memory bandwidth plus fixed costs per operation. Run as PyTorch
+// modules, a block is ten to twenty op calls, each a few microseconds of dispatch, allocation and
+// Python; compiled, the step still pays Dynamo's guards and the graph's Python wrapper (about 1.5
+// ms a token at the 800M shape, against a bound of 2.8 ms for the sparse model). Here the only
+// call per token is this one, and the blocks run the kernels of matvec.h, sparse_ffn.h and
+// multiplicative_conv.h directly on the weights.
+//
+// What it runs is described by the caller, per block: the q/k/v kind (dense: one fused q/k/v
+// matmul and an output projection; multiplicative_conv: the Scaling Transformer's sparse q/k/v,
+// no output projection) and the FFN kind (SwiGLU, or the sparse FFN), with RMSNorm before each
+// and an optional rotary table (RoPE or xPos). Other components keep the module path.
+//
+// Rounding follows the module path: each op's output is rounded to the model's dtype, as
+// PyTorch's ops return it; sums are accumulated in float32.
+
+#include "matvec.h"
+#include "multiplicative_conv.h"
+#include "sparse_ffn.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using stacklm::for_each_share;
+using stacklm::matvec_into;
+using stacklm::rounded;
+
+enum QKVKind : int64_t { kDenseQKV = 0, kMultiplicativeConv = 1 };
+enum FFNKind : int64_t { kSwiGLU = 0, kSparseFFN = 1 };
+// Weights of each kind, in the order the caller lists them (an empty tensor for a missing bias)
+constexpr int64_t kQKVWeights[] = {4, 7};  // dense: qkv, its bias, out, its bias; multiplicative_conv: see below
+constexpr int64_t kFFNWeights[] = {4, 7};  // swiglu: gate_up, its bias, out, its bias; sparse: see below
+
+struct Dims {
+  int64_t d, n_heads, n_kv_heads, head_dim, max_len, block_size;
+  double eps, q_mult, ffn_multiplier;
+};
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// F.rms_norm: x / sqrt(mean(x^2) + eps) * w, computed in float32
+template <typename T>
+void rms_norm(const T* x, const T* w, int64_t d, double eps, T* out) {
+  float squares = 0.0f;
+  for (int64_t i = 0; i < d; ++i) squares += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  const float scale = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
+  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(static_cast<float>(x[i]) * scale * static_cast<float>(w[i]));
+}
+
+// position.rotate for one position: (a, b) -> (a cos - b sin, b cos + a sin) over each head's two
+// halves; cos and sin (hd / 2) rows of the model's tables
+template <typename T>
+void rotate(T* x, int64_t n_heads, int64_t hd, const T* cos, const T* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    T* a = x + h * hd;
+    T* b = a + half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float c = static_cast<float>(cos[i]), s = static_cast<float>(sin[i]);
+      const float av = static_cast<float>(a[i]), bv = static_cast<float>(b[i]);
+      a[i] = static_cast<T>(rounded<T>(av * c) - bv * s);  // as mul, then addcmul_, round
+      b[i] = static_cast<T>(rounded<T>(bv * c) + av * s);
+    }
+  }
+}
+
+// softmax(q k^T / sqrt(hd)) v for one query over the first n_keys cached positions; the heads are
+// shared among the threads, each query head reading its group's key/value head
+template <typename T>
+void attend(const T* q, const T* keys, const T* values, int64_t n_keys, const Dims& dims, T* out) {
+  const int64_t hd = dims.head_dim, group = dims.n_heads / dims.n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, dims.n_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(n_keys), qf(hd), acc(hd);
+    for (int64_t h = begin; h < end; ++h) {
+      const int64_t kv = h / group;
+      const T* k = keys + kv * dims.max_len * hd;
+      const T* v = values + kv * dims.max_len * hd;
+      for (int64_t i = 0; i < hd; ++i) qf[i] = static_cast<float>(q[h * hd + i]);
+      float top = -INFINITY;
+      for (int64_t t = 0; t < n_keys; ++t) {
+        scores[t] = stacklm::dot_product(qf.data(), k + t * hd, hd) * scale;
+        top = std::max(top, scores[t]);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < n_keys; ++t) total += scores[t] = std::exp(scores[t] - top);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < n_keys; ++t) stacklm::add_scaled(acc.data(), scores[t] / total, v + t * hd, hd);
+      for (int64_t i = 0; i < hd; ++i) out[h * hd + i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
+template <typename T>
+struct Step {
+  const Dims& dims;
+  const T* rotary;  // (4, positions, hd / 2): q cos, q sin, k cos, k sin; null without rotation
+  int64_t rotary_positions, position;
+
+  // The attention half of a block: h = norm(x) -> q, k, v -> the cache -> attention -> out (d)
+  void attention(int64_t kind, const at::Tensor* w, const T* h, const at::Tensor& keys,
+                 const at::Tensor& values, const at::Tensor& frames, T* out) const {
+    const int64_t d = dims.d, hd = dims.head_dim, q_size = dims.n_heads * hd, kv_size = dims.n_kv_heads * hd;
+    std::vector<T> q(q_size), k(kv_size), v(kv_size), heads_out(q_size);
+    if (kind == kDenseQKV) {
+      std::vector<T> qkv(q_size + 2 * kv_size);
+      matvec_into(h, w[0].data_ptr<T>(), data_or_null<T>(w[1]), q_size + 2 * kv_size, d, qkv.data());
+      std::copy(qkv.begin(), qkv.begin() + q_size, q.begin());
+      std::copy(qkv.begin() + q_size, qkv.begin() + q_size + kv_size, k.begin());
+      std::copy(qkv.begin() + q_size + kv_size, qkv.end(), v.begin());
+    } else {  // multiplicative, bias, qk kernel, its bias, v kernel, its bias: w[0] ... w[6]
+      const int64_t S = w[0].size(0), M = w[1].size(0), Lk = w[3].size(2);
+      T* past = frames.data_ptr<T>();  // (Lk - 1, d), oldest first
+      const stacklm::MultiplicativeConv<T> layer{h, w[0].data_ptr<T>(), w[1].data_ptr<T>(), data_or_null<T>(w[2]),
+                                                 past, w[3].data_ptr<T>(), w[4].data_ptr<T>(), w[5].data_ptr<T>(),
+                                                 w[6].data_ptr<T>(), d, S, M, Lk};
+      std::vector<T> y(d), qk(2 * d);
+      layer.run(y.data(), qk.data(), v.data());
+      for (int64_t s = 0; s < S; ++s) {  // qk (S, 2, M) -> q, k (S M)
+        std::copy_n(qk.data() + s * 2 * M, M, q.data() + s * M);
+        std::copy_n(qk.data() + s * 2 * M + M, M, k.data() + s * M);
+      }
+      if (Lk > 1) {  // the frames move on by one: the oldest out, y in
+        std::memmove(past, past + d, sizeof(T) * d * (Lk - 2));
+        std::copy(y.begin(), y.end(), past + d * (Lk - 2));
+      }
+    }
+    if (rotary != nullptr) {
+      const int64_t half = hd / 2, table = rotary_positions * half, at = position * half;
+      rotate(q.data(), dims.n_heads, hd, rotary + at, rotary + table + at);
+      rotate(k.data(), dims.n_kv_heads, hd, rotary + 2 * table + at, rotary + 3 * table + at);
+    }
+    if (dims.q_mult != 1.0)
+      for (T& value : q) value = static_cast<T>(static_cast<float>(value) * static_cast<float>(dims.q_mult));
+    T* key_cache = keys.data_ptr<T>();
+    T* value_cache = values.data_ptr<T>();
+    for (int64_t kv = 0; kv < dims.n_kv_heads; ++kv) {
+      std::copy_n(k.data() + kv * hd, hd, key_cache + (kv * dims.max_len + position) * hd);
+      std::copy_n(v.data() + kv * hd, hd, value_cache + (kv * dims.max_len + position) * hd);
+    }
+    attend(q.data(), key_cache, value_cache, position + 1, dims, heads_out.data());
+    if (kind == kDenseQKV)
+      matvec_into(heads_out.data(), w[2].data_ptr<T>(), data_or_null<T>(w[3]), d, q_size, out);
+    else
+      std::copy(heads_out.begin(), heads_out.end(), out);
+  }
+
+  // The FFN half of a block: h = norm(x) -> out (d)
+  void ffn(int64_t kind, const at::Tensor* w, const T* h, T* out) const {
+    const int64_t d = dims.d;
+    if (kind == kSwiGLU) {  // gate_up, its bias, out, its bias
+      const int64_t f = w[0].size(0) / 2;
+      std::vector<T> gate_up(2 * f), hidden(f);
+      matvec_into(h, w[0].data_ptr<T>(), data_or_null<T>(w[1]), 2 * f, d, gate_up.data());
+      for (int64_t i = 0; i < f; ++i) {
+        const float g = static_cast<float>(gate_up[i]);
+        const float silu = rounded<T>(g / (1.0f + std::exp(-g)));
+        hidden[i] = static_cast<T>(silu * static_cast<float>(gate_up[f + i]));
+      }
+      matvec_into(hidden.data(), w[2].data_ptr<T>(), data_or_null<T>(w[3]), d, f, out);
+      return;
+    }
+    // controller down, up, its bias; W1, its bias; W2, the output bias
+    const int64_t rank = w[0].size(0), d_ff = w[3].size(0);
+    const stacklm::SparseFFN<T> layer{h, w[0].data_ptr<T>(), w[1].data_ptr<T>(), w[2].data_ptr<T>(),
+                                      w[3].data_ptr<T>(), data_or_null<T>(w[4]), w[5].data_ptr<T>(),
+                                      d, rank, d_ff / dims.block_size, dims.block_size};
+    stacklm::sparse_ffn_one(layer, out);
+    const T* bias = data_or_null<T>(w[6]);
+    for (int64_t i = 0; i < d; ++i) {  // SparseFFN.finish
+      const float scaled = rounded<T>(static_cast<float>(out[i]) * static_cast<float>(dims.ffn_multiplier));
+      out[i] = static_cast<T>(bias != nullptr ? scaled + static_cast<float>(bias[i]) : scaled);
+    }
+  }
+};
+
+template <typename T>
+void add_into(T* x, const T* y, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+}
+
+at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::TensorList keys, at::TensorList values,
+                         at::TensorList frames, at::IntArrayRef kinds, const at::Tensor& rotary, int64_t position,
+                         int64_t n_heads, int64_t block_size, double eps, double q_mult, double ffn_multiplier) {
+  // x: (d), the token's embedding; per block b: kinds[2b] (q/k/v) and kinds[2b + 1] (FFN), its
+  // weights in order (the attention norm's, the q/k/v kind's, the FFN norm's, the FFN kind's),
+  // keys[b] and values[b] (1, n_kv_heads, max_len, hd), frames[b] (1, Lk - 1, d) for
+  // multiplicative_conv (any tensor otherwise); rotary (4, positions, hd / 2) or empty -> (d)
+  const int64_t n_blocks = static_cast<int64_t>(keys.size()), d = x.size(0);
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "decode_blocks: x must be one contiguous row");
+  TORCH_CHECK(static_cast<int64_t>(values.size()) == n_blocks && static_cast<int64_t>(frames.size()) == n_blocks &&
+                  static_cast<int64_t>(kinds.size()) == 2 * n_blocks,
+              "decode_blocks: keys, values, frames and kinds must describe every block");
+  TORCH_CHECK(n_blocks > 0 && keys[0].dim() == 4 && keys[0].size(0) == 1, "decode_blocks: caches must be (1, Hkv, max_len, hd)");
+  const Dims dims{d, n_heads, keys[0].size(1), keys[0].size(3), keys[0].size(2), block_size, eps, q_mult, ffn_multiplier};
+  TORCH_CHECK(n_heads % dims.n_kv_heads == 0 && position >= 0 && position < dims.max_len,
+              "decode_blocks: n_heads must be a multiple of the cache's heads, and position within the cache");
+  TORCH_CHECK(rotary.numel() == 0 || (rotary.dim() == 3 && rotary.size(0) == 4 && rotary.size(1) > position &&
+                                      rotary.size(2) == dims.head_dim / 2 && rotary.is_contiguous() &&
+                                      rotary.scalar_type() == x.scalar_type()),
+              "decode_blocks: rotary must be (4, positions, hd / 2), in x's dtype, or empty");
+  int64_t expected = 0;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    TORCH_CHECK(kinds[2 * b] >= 0 && kinds[2 * b] <= 1 && kinds[2 * b + 1] >= 0 && kinds[2 * b + 1] <= 1,
+                "decode_blocks: unknown block kind");
+    TORCH_CHECK(keys[b].sizes() == keys[0].sizes() && values[b].sizes() == keys[0].sizes() && keys[b].is_contiguous() &&
+                    values[b].is_contiguous(),
+                "decode_blocks: every cache must be contiguous and of the same shape");
+    TORCH_CHECK(kinds[2 * b] != kMultiplicativeConv || frames[b].is_contiguous(), "decode_blocks: frames must be contiguous");
+    expected += 2 + kQKVWeights[kinds[2 * b]] + kFFNWeights[kinds[2 * b + 1]];
+  }
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected, "decode_blocks: expected ", expected, " weights, got ",
+              weights.size());
+  for (const at::Tensor& t : weights)
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.is_contiguous(), "decode_blocks: every weight must be contiguous, in x's dtype");
+  at::Tensor hidden = x.clone();
+  STACKLM_DISPATCH(x.scalar_type(), "decode_blocks", [&] {
+    const bool rotates = rotary.numel() > 0;
+    const Step<scalar_t> step{dims, rotates ? rotary.data_ptr<scalar_t>() : nullptr, rotates ? rotary.size(1) : 0, position};
+    scalar_t* xp = hidden.data_ptr<scalar_t>();
+    std::vector<scalar_t> normed(d), out(d);
+    const at::Tensor* w = weights.data();  // the next block's first weight
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t qkv_kind = kinds[2 * b], ffn_kind = kinds[2 * b + 1];
+      const at::Tensor* ffn_w = w + 1 + kQKVWeights[qkv_kind];  // the FFN norm's weight, then the FFN's
+      rms_norm(xp, w[0].data_ptr<scalar_t>(), d, eps, normed.data());
+      step.attention(qkv_kind, w + 1, normed.data(), keys[b], values[b], frames[b], out.data());
+      add_into(xp, out.data(), d);
+      rms_norm(xp, ffn_w[0].data_ptr<scalar_t>(), d, eps, normed.data());
+      step.ffn(ffn_kind, ffn_w + 1, normed.data(), out.data());
+      add_into(xp, out.data(), d);
+      w = ffn_w + 1 + kFFNWeights[ffn_kind];
+    }
+  });
+  return hidden;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(stacklm, m) {
+  m.def("decode_blocks(Tensor x, Tensor[] weights, Tensor[] keys, Tensor[] values, Tensor[] frames, int[] kinds, "
+        "Tensor rotary, int position, int n_heads, int block_size, float eps, float q_mult, float ffn_multiplier) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(stacklm, CPU, m) { m.impl("decode_blocks", &decode_blocks); }

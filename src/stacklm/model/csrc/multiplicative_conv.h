@@ -1,0 +1,105 @@
+// One token through the Scaling Transformer's sparse q/k/v (model/qkv_sparse.py,
+// `multiplicative_conv`): the shared multiplicative layer, then the causal convolutions over
+// (position, module) for q, k and v.
+//
+// Unfused, a decode step runs this as a matmul of the S scaled copies of x, two small matmuls of
+// the convolution windows and the kernels that build them: about 80 us a layer at the 800M shape
+// on a 2-core machine, for under 5 MFLOP and 0.6 MB of weights, because each call's fixed cost
+// outweighs its work. Here it is two parallel loops, each thread taking a share of the output
+// units so that each weight is read once.
+//
+// Rounding follows the unfused path: x * D, the layer's output and each convolution's output are
+// rounded to the model's dtype, as its ops return them; sums are accumulated in float32.
+
+#pragma once
+
+#include "common.h"
+
+#include <tuple>
+#include <vector>
+
+namespace stacklm {
+
+template <typename T>
+struct MultiplicativeConv {
+  const T* x;        // (d)
+  const T* mult;     // D (S, d)
+  const T* weight;   // E (M, d)
+  const T* bias;     // (S M) or null
+  const T* frames;   // the shared layer's previous outputs (Lk - 1, S M), oldest first
+  const T* qk_w;     // (2 M, M, Lk, 3)
+  const T* qk_b;     // (2 M)
+  const T* v_w;      // (M, M, Lk, 1)
+  const T* v_b;      // (M)
+  int64_t d, S, M, Lk;
+
+  // y[s M + m] = sum_i x_i D[s, i] E[m, i] (+ bias), for the units m in [begin, end) of every module
+  void shared(int64_t begin, int64_t end, T* y) const {
+    // x D[s], rounded as x * D rounds it and kept in float32 for the dot products; every thread
+    // makes its own copy
+    std::vector<float> scaled(S * d), xf(x, x + d);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t i = 0; i < d; ++i) scaled[s * d + i] = rounded<T>(xf[i] * static_cast<float>(mult[s * d + i]));
+    float out[16];
+    // sixteen rows of E at a time against every module, so that each row is read from memory once
+    for (int64_t m = begin; m < end; m += 16) {
+      const int64_t rows = std::min<int64_t>(16, end - m);
+      for (int64_t s = 0; s < S; ++s) {
+        dot_products(scaled.data() + s * d, weight + m * d, d, d, rows, out);
+        for (int64_t j = 0; j < rows; ++j) {
+          float v = rounded<T>(out[j]);
+          if (bias != nullptr) v += static_cast<float>(bias[s * M + m + j]);
+          y[s * M + m + j] = static_cast<T>(v);
+        }
+      }
+    }
+  }
+
+  // The windows of a convolution of width k over modules (zero-padded) and Lk over positions, one
+  // per module s, laid out as the kernel (M, Lk, k): window[s][(m Lk + l) k + j] = grid[l, s + j - (k - 1) / 2, m]
+  std::vector<float> windows(const T* y, int64_t k) const {
+    const int64_t size = M * Lk * k;
+    std::vector<float> out(S * size);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t l = 0; l < Lk; ++l)
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t module = s + j - (k - 1) / 2;
+            const T* frame = l < Lk - 1 ? frames + l * S * M : y;
+            out[s * size + (m * Lk + l) * k + j] = module >= 0 && module < S ? static_cast<float>(frame[module * M + m]) : 0.0f;
+          }
+    return out;
+  }
+
+  // out[s, o] = b[o] + w[o] . window[s] for the kernel rows o in [begin, end), each read once
+  void conv(const std::vector<float>& window, const T* w, const T* b, int64_t k, int64_t n_out, int64_t begin,
+            int64_t end, T* out) const {
+    const int64_t size = M * Lk * k;
+    float acc[16];
+    for (int64_t o = begin; o < end; o += 16) {
+      const int64_t rows = std::min<int64_t>(16, end - o);
+      for (int64_t s = 0; s < S; ++s) {
+        dot_products(window.data() + s * size, w + o * size, size, size, rows, acc);
+        for (int64_t j = 0; j < rows; ++j) out[s * n_out + o + j] = static_cast<T>(acc[j] + static_cast<float>(b[o + j]));
+      }
+    }
+  }
+  // The whole step: y (S M), qk (S, 2 M) and v (S, M). Each thread takes a share of the output
+  // units (rows of E, then of the kernels), so that every weight is read once; the convolutions
+  // read every module's y: a second loop.
+  void run(T* y, T* qk, T* v) const {
+    for_each_share([&](int64_t t, int64_t shares) {
+      const auto [m0, m1] = share_of(M, t, shares);
+      shared(m0, m1, y);
+    });
+    for_each_share([&](int64_t t, int64_t shares) {
+      const std::vector<float> qk_windows = windows(y, 3), v_windows = windows(y, 1);
+      const auto [q0, q1] = share_of(2 * M, t, shares);
+      conv(qk_windows, qk_w, qk_b, 3, 2 * M, q0, q1, qk);
+      const auto [v0, v1] = share_of(M, t, shares);
+      conv(v_windows, v_w, v_b, 1, M, v0, v1, v);
+    });
+  }
+};
+
+}  // namespace stacklm

@@ -1,0 +1,122 @@
+"""The batch-1 CPU decode step in one C++ call (stacklm.inference.cpu_step) against the modules' steps."""
+
+import pytest
+import torch
+
+from stacklm.config import Config
+from stacklm.inference import cpu_step, generate
+from stacklm.model import cpu_kernels
+from stacklm.model.transformer import build_model
+from tests.conftest import require_cpu_kernels
+from tests.model.test_cpu_kernels import kernel_calls
+
+SPARSE = ("model.ffn.kind=sparse", "model.ffn.block_size=8", "model.attention.qkv=multiplicative_conv")
+SUPPORTED = {
+    "dense": (),
+    "sparse FFN + QKV": SPARSE,
+    "sparse FFN": ("model.ffn.kind=sparse", "model.ffn.block_size=8"),
+    "biases, grouped-query heads": ("model.n_kv_heads=2", "model.attention.bias=true", "model.ffn.bias=true"),
+    "sparse, biases": (*SPARSE, "model.ffn.bias=true", "model.attention.bias=true"),
+    "sparse, length kernel 1": (*SPARSE, "model.attention.length_kernel=1"),
+    "xpos": ("model.position.kind=xpos",),
+    "learned positions": ("model.position.kind=learned",),
+    "no positions": ("model.position.kind=none",),
+    "mup": ("model.parametrization=mup", "model.base_width=32"),
+    "tied embeddings, 3 layers": ("model.tie_embeddings=true", "model.n_layers=3"),
+}
+
+
+def perturbed(*overrides, dtype=torch.float32):
+    """A model whose every parameter (norm gains and biases too) is moved off its initial value."""
+    model = build_model(Config.load("configs/tiny.yaml", list(overrides))).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("overrides", SUPPORTED.values(), ids=SUPPORTED.keys())
+def test_fused_step_gives_the_modules_logits_and_state(overrides):
+    require_cpu_kernels()
+    model = perturbed(*overrides)
+    assert cpu_step.why_not(model) is None
+    step, ids = cpu_step.fused_step(model), torch.randint(0, 512, (1, 20))
+    fused_state, module_state = model.new_state(1, 24), model.new_state(1, 24)
+    with torch.no_grad():
+        full = model(ids)
+        model(ids[:, :5], fused_state), model(ids[:, :5], module_state)
+        for t in range(5, 20):  # every cache length from 5 to 19
+            got = step(ids[:, t : t + 1], fused_state)
+            torch.testing.assert_close(got, model(ids[:, t : t + 1], module_state), atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(got[:, 0], full[:, t], atol=2e-5, rtol=1e-5)
+    assert fused_state.length == module_state.length == 20
+    for fused, module in zip(fused_state.layers, module_state.layers, strict=True):
+        torch.testing.assert_close(fused.k, module.k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused.v, module.v, atol=1e-5, rtol=1e-5)
+        if module.qkv_state is not None:  # the convolutions' last inputs
+            torch.testing.assert_close(fused.qkv_state.frames, module.qkv_state.frames, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [(), SPARSE], ids=["dense", "sparse"])
+def test_fused_step_in_bfloat16_is_close_to_the_modules(overrides):
+    """Rounded as the modules round: the logits differ by bfloat16's rounding only. (The sparse
+    FFN's argmax can flip between near-tied units at another rounding, so its controller is made
+    decisive here.)"""
+    require_cpu_kernels()
+    model = perturbed(*overrides, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for block in model.blocks:
+            if hasattr(block.ffn, "controller_up"):
+                block.ffn.controller_up.bias.copy_(10 * torch.randn_like(block.ffn.controller_up.bias))
+    step, ids = cpu_step.fused_step(model), torch.randint(0, 512, (1, 12))
+    fused_state, module_state = model.new_state(1), model.new_state(1)
+    with torch.no_grad():
+        model(ids[:, :4], fused_state), model(ids[:, :4], module_state)
+        for t in range(4, 12):
+            got, want = step(ids[:, t : t + 1], fused_state), model(ids[:, t : t + 1], module_state)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+
+
+def test_generate_runs_each_token_in_one_call_and_keeps_the_tokens():
+    require_cpu_kernels()
+    model = perturbed(*SPARSE)
+    assert kernel_calls(model, fused=True) == {"stacklm::decode_blocks": 2, "stacklm::matvec": 2}
+    prompt = torch.randint(0, 512, (1, 5))
+    assert generate(model, prompt, 30, temperature=0).equal(generate(model, prompt, 30, temperature=0, fused=False))
+    with cpu_kernels.disabled():
+        assert cpu_step.fused_step(model) is None
+        assert kernel_calls(model, fused=True) == {}
+
+
+def test_calls_the_step_cannot_take_go_through_the_model():
+    require_cpu_kernels()
+    model = perturbed(*SPARSE)
+    step, prompt, new = cpu_step.fused_step(model), torch.randint(0, 512, (2, 3)), torch.tensor([[7], [9]])
+    states = model.new_state(2), model.new_state(2)
+    with torch.no_grad():
+        model(prompt, states[0]), model(prompt, states[1])
+        got = step(new, states[0])  # two sequences: the modules' step
+        torch.testing.assert_close(got, model(new, states[1]), atol=0, rtol=0)
+    assert states[0].length == 4
+    one = model.new_state(1)
+    with torch.no_grad():
+        model(torch.tensor([[3, 4]]), one)
+    step(torch.tensor([[5]]), one).sum().backward()  # gradients on: the modules, so that they reach the weights
+    assert model.lm_head.weight.grad is not None and model.blocks[0].ffn.in_proj.grad is not None
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    (("model.ffn.kind=moe",), "FFN"),
+    (("model.attention.kind=local",), "attention"),
+    (("model.norm.kind=layernorm",), "norm"),
+    (("model.attention.qkv=multiplicative",), "q/k/v"),
+    (("model.position.kind=alibi",), "position"),
+    (("model.arch=encoder_decoder", "train.objective.kind=prefix_lm"), "decoder-only"),
+])
+def test_models_it_does_not_cover_keep_the_module_step(overrides, reason):
+    require_cpu_kernels()
+    model = perturbed(*overrides)
+    assert reason in cpu_step.why_not(model)
+    assert cpu_step.fused_step(model) is None
+    assert cpu_step.why_not(perturbed(dtype=torch.float64)).startswith("parameters in")
