@@ -20,8 +20,41 @@
 
 namespace stacklm {
 
-// Gathered rows are scattered over the matrix: those a few steps ahead are requested explicitly.
-constexpr int64_t kGatherAhead = 2;
+// x's dot products with four rows at once, out[j] = x . rows[j]: four independent streams of
+// loads keep more of the gathered rows in flight than one row at a time. At the 800M shape in
+// float32 the layer became 1.4-1.5x faster; software prefetches of the rows ahead, as matvec.h
+// makes, gained nothing before and cost 1.4x after (they fill the buffers the loads need).
+template <typename A, typename B>
+inline void gathered_dots4(const A* __restrict__ x, const B* const* rows, int64_t n, float* __restrict__ out) {
+  const B* __restrict__ r0 = rows[0];
+  const B* __restrict__ r1 = rows[1];
+  const B* __restrict__ r2 = rows[2];
+  const B* __restrict__ r3 = rows[3];
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    s0 += v * static_cast<float>(r0[i]);
+    s1 += v * static_cast<float>(r1[i]);
+    s2 += v * static_cast<float>(r2[i]);
+    s3 += v * static_cast<float>(r3[i]);
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+// acc += sum_j scale[j] rows[j], four rows at once for the same reason
+template <typename T>
+inline void gathered_add4(float* __restrict__ acc, const float* scale, const T* const* rows, int64_t n) {
+  const T* __restrict__ r0 = rows[0];
+  const T* __restrict__ r1 = rows[1];
+  const T* __restrict__ r2 = rows[2];
+  const T* __restrict__ r3 = rows[3];
+  const float h0 = scale[0], h1 = scale[1], h2 = scale[2], h3 = scale[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    acc[i] += (h0 * static_cast<float>(r0[i]) + h1 * static_cast<float>(r1[i])) +
+              (h2 * static_cast<float>(r2[i]) + h3 * static_cast<float>(r3[i]));
+}
 
 template <typename T>
 struct SparseFFN {
@@ -61,12 +94,16 @@ struct SparseFFN {
     std::vector<float> h(n);
     std::vector<float> logits(block_size);
     for (int64_t k = 0; k < n; ++k) units[k] = choose(begin + k, z.data(), logits.data());
-    for (int64_t k = 0; k < std::min(n, kGatherAhead); ++k) prefetch_row(w1 + units[k] * d_model, d_model);
-    for (int64_t k = 0; k < n; ++k) {
-      if (k + kGatherAhead < n) prefetch_row(w1 + units[k + kGatherAhead] * d_model, d_model);
-      float dot = dot_product(x, w1 + units[k] * d_model, d_model);
-      if (b1 != nullptr) dot += static_cast<float>(b1[units[k]]);
-      h[k] = rounded<T>(dot);
+    // W1's chosen rows, four at a time (a short last group repeats the last row, its dot product unused)
+    for (int64_t k = 0; k < n; k += 4) {
+      const T* rows[4];
+      float dots[4];
+      for (int j = 0; j < 4; ++j) rows[j] = w1 + units[std::min(k + j, n - 1)] * d_model;
+      gathered_dots4(x, rows, d_model, dots);
+      for (int64_t j = 0; j < std::min<int64_t>(4, n - k); ++j) {
+        const float dot = dots[j] + (b1 != nullptr ? static_cast<float>(b1[units[k + j]]) : 0.0f);
+        h[k + j] = rounded<T>(dot);
+      }
     }
     // relu: units with h <= 0 add nothing and their rows of W2 are not read (a NaN passes on, as
     // torch.relu's does)
@@ -77,11 +114,14 @@ struct SparseFFN {
         h[live++] = h[k];
       }
     }
-    for (int64_t k = 0; k < std::min(live, kGatherAhead); ++k) prefetch_row(w2 + units[k] * d_model, d_model);
-    for (int64_t k = 0; k < live; ++k) {
-      if (k + kGatherAhead < live) prefetch_row(w2 + units[k + kGatherAhead] * d_model, d_model);
-      add_scaled(acc, h[k], w2 + units[k] * d_model, d_model);
+    // W2's rows of the live units, four at a time, then one by one
+    int64_t k = 0;
+    for (; k + 4 <= live; k += 4) {
+      const T* rows[4] = {w2 + units[k] * d_model, w2 + units[k + 1] * d_model, w2 + units[k + 2] * d_model,
+                          w2 + units[k + 3] * d_model};
+      gathered_add4(acc, h.data() + k, rows, d_model);
     }
+    for (; k < live; ++k) add_scaled(acc, h[k], w2 + units[k] * d_model, d_model);
   }
 };
 
