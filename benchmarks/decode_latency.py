@@ -5,8 +5,10 @@ The bound: each new token reads every weight matrix once (the embedding lookup r
 a token cannot take less than (matrix weight bytes) / (read bandwidth), the bandwidth measured in
 every round as a sum over 1 GiB. Greedy decoding
 of a 16-token prompt; both libraries produce the same number of tokens (HF with min_new_tokens),
-and the table shows how many of them match HF's. stacklm runs as `generate(...)` (eager) and as
-`generate(..., compile=True)` (compiled one-token step; its compilation is in the warmup).
+and the table shows how many of them match HF's. stacklm runs three ways: its modules' forward
+(`generate(..., fused=False)`, eager), compiled (`compile=True, fused=False`: the compiled one-token
+step, its compilation in the warmup), and `fused`, the C++ step `generate` takes by default
+(stacklm.inference.cpu_step).
 All calls take turns (A B A B ...). ms/token is one decode step: the time of generating N tokens
 less that of generating 1 (the prompt's prefill and the first token), over N - 1, median of the
 rounds; end-to-end ms/token is the whole call over N. Each speed-up is the median of the
@@ -71,8 +73,10 @@ def matrix_bytes(model) -> int:
 
 def decoders(model, hf, prompt, new_tokens) -> dict:
     """Greedy decoding of exactly new_tokens tokens by each implementation."""
-    return {"stacklm": lambda: stacklm.generate(model, prompt, new_tokens, temperature=0),
-            "stacklm compiled": lambda: stacklm.generate(model, prompt, new_tokens, temperature=0, compile=True),
+    return {"stacklm": lambda: stacklm.generate(model, prompt, new_tokens, temperature=0, fused=False),
+            "stacklm compiled": lambda: stacklm.generate(model, prompt, new_tokens, temperature=0, compile=True,
+                                                         fused=False),
+            "stacklm fused": lambda: stacklm.generate(model, prompt, new_tokens, temperature=0),
             "hf": lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                       do_sample=False, use_cache=True, pad_token_id=0)}
 
@@ -138,6 +142,12 @@ def main() -> None:
              f"x (stacklm compiled ms/token / bandwidth bound, {large_fp32})")
     headline("decode_vs_bandwidth_bound_bf16", figures[large_bf16, "stacklm compiled"][1], 1.5,
              f"x (stacklm compiled ms/token / bandwidth bound, {large_bf16})")
+    headline("decode_speedup_vs_hf_fused", figures[small, "stacklm fused"][0], None,
+             "x (HF ms/token / stacklm fused C++ step ms/token, 34M float32)")
+    headline("decode_vs_bandwidth_bound_fused", figures[large_fp32, "stacklm fused"][1], None,
+             f"x (stacklm fused C++ step ms/token / bandwidth bound, {large_fp32})")
+    headline("decode_vs_bandwidth_bound_fused_bf16", figures[large_bf16, "stacklm fused"][1], None,
+             f"x (stacklm fused C++ step ms/token / bandwidth bound, {large_bf16})")
     headline("decode_vs_bandwidth_bound_eager", figures[large_fp32, "stacklm"][1], None,
              f"x (stacklm eager ms/token / bandwidth bound, {large_fp32})")
 

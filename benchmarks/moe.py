@@ -109,12 +109,14 @@ def train_steps(rounds: int, batch: int, seq_len: int) -> tuple[list, list[float
 
 
 def decode(rounds: int, new_tokens: int) -> list:
-    """Batch-1 ms/token, eager and with the compiled one-token step (`generate(compile=True)`)."""
+    """Batch-1 ms/token, eager and with the compiled one-token step (`generate(compile=True)`); the
+    modules' steps both (`fused=False`: the C++ step takes the dense model but not the MoE)."""
     built = {name: m.eval() for name, m in models().items()}
     prompt = torch.randint(0, 8192, (1, 16))
     rows = []
     for compiled in (False, True):
-        calls = {(name, n): (lambda m=m, n=n, c=compiled: stacklm.generate(m, prompt, n, temperature=0, compile=c))
+        calls = {(name, n): (lambda m=m, n=n, c=compiled: stacklm.generate(m, prompt, n, temperature=0, compile=c,
+                                                                           fused=False))
                  for name, m in built.items() for n in (new_tokens, 1)}
         times = alternate(calls, rounds)
         steps = {name: [(t - t1) / (new_tokens - 1) for t, t1 in zip(times[name, new_tokens], times[name, 1], strict=True)]

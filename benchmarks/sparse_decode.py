@@ -5,13 +5,15 @@
    dense SwiGLU FFN of width F has three matrices, so the sparse FFN (two matrices) gets width 1.5 F,
    and with sparse QKV the attention's saved parameters widen it further (about 2 F). Sizes: a
    small model and the paper's ~800M shape (d_model 1024, 16 heads, 24 layers, F 4096, N 64,
-   S 16, vocabulary 32000), float32 and bfloat16, eager `generate` and `generate(compile=True)`.
+   S 16, vocabulary 32000), float32 and bfloat16, three ways: `eager` runs the modules' forward
+   (`generate(fused=False)`), `compiled` compiles it (`generate(compile=True, fused=False)`) and
+   `fused` is the C++ step that `generate` takes by default (stacklm.inference.cpu_step).
    ms/token is one decode step: (time to generate n tokens - time to generate 1) / (n - 1), median of
    the rounds. The bound of each model is the bytes a token must read (every weight matrix, but
    only the chosen d_ff / N rows of the sparse FFN's two matrices, one embedding row, the KV cache)
-   over the read bandwidth measured in the same round (a sum over 1 GiB). The sparse models run
-   with stacklm's fused CPU kernels for a one-token step (model/cpu_kernels.py); the row "sparse
-   FFN+QKV, PyTorch ops" is the same model with them turned off.
+   over the read bandwidth measured in the same round (a sum over 1 GiB). The eager and compiled
+   sparse models run stacklm's CPU kernels for a one-token layer (model/cpu_kernels.py); the row
+   "sparse FFN+QKV, PyTorch ops" is the same model with them turned off.
 2. Training step time (forward, backward, AdamW) of the three twins at the preset size.
 3. Quality: the presets configs/scaling-transformer-{dense,sparse-ffn,sparse}.yaml trained for the
    same steps and seed on the default corpus; validation loss and bits per byte.
@@ -97,9 +99,12 @@ def decode_bytes(model, context: int) -> int:
     return total + 2 * m.n_layers * context * m.kv_heads * m.head_dim * p.element_size()
 
 
-def generate(model, prompt, n: int, compile: bool, kernels: bool) -> None:
+IMPLS = {"eager": {"fused": False}, "compiled": {"compile": True, "fused": False}, "fused": {"fused": True}}
+
+
+def generate(model, prompt, n: int, impl: str, kernels: bool) -> None:
     with contextlib.nullcontext() if kernels else cpu_kernels.disabled():
-        stacklm.generate(model, prompt, n, temperature=0, compile=compile)
+        stacklm.generate(model, prompt, n, temperature=0, **IMPLS[impl])
 
 
 def decode(cases, rounds: int, prompt_len: int = 16) -> tuple[list, dict]:
@@ -113,17 +118,19 @@ def decode(cases, rounds: int, prompt_len: int = 16) -> tuple[list, dict]:
         if cpu_kernels.load():  # and the sparse model without them, for comparison
             runs[PYTORCH_OPS] = models["sparse FFN+QKV"], False
         prompt = torch.randint(0, dims["vocab"], (1, prompt_len))
-        calls = {(name, impl, n): functools.partial(generate, model, prompt, n, compile, kernels)
-                 for name, (model, kernels) in runs.items()
-                 for impl, compile in (("eager", False), ("compiled", True)) for n in (new_tokens, 1)}
+        calls = {(name, impl, n): functools.partial(generate, model, prompt, n, impl, kernels)
+                 for name, (model, kernels) in runs.items() for impl in IMPLS for n in (new_tokens, 1)
+                 if kernels or impl != "fused"}  # without the kernels there is no C++ step
         times = alternate({**calls, "probe": probe.sum}, rounds)  # the warmup compiles each step
         case = f"{label} {str(dtype).removeprefix('torch.')}"
         context = prompt_len + new_tokens // 2
-        for impl in ("eager", "compiled"):
+        for impl in IMPLS:
+            names = [name for name in runs if (name, impl, 1) in calls]
             steps = {name: [(t - t1) / (new_tokens - 1) for t, t1 in
                             zip(times[name, impl, new_tokens], times[name, impl, 1], strict=True)]
-                     for name in runs}
-            for name, (model, _) in runs.items():
+                     for name in names}
+            for name in names:
+                model = runs[name][0]
                 bound = [decode_bytes(model, context) * t / PROBE_BYTES for t in times["probe"]]
                 to_bound = median([s / b for s, b in zip(steps[name], bound, strict=True)])
                 ratio = speedup(steps["dense"], steps[name])
@@ -200,15 +207,17 @@ def main() -> None:
                      for name, v in val.items()], ["model", "val loss", "bits/byte", "loss / dense"]))
     print(f"load average after: {load_average()}")
     fp32, bf16 = f"{large_label} float32", f"{large_label} bfloat16"
-    headline("speedup", figures[fp32, "compiled", "sparse FFN+QKV"][0], 2.6,
+    headline("speedup", figures[fp32, "fused", "sparse FFN+QKV"][0], 2.6,
+             f"x (dense / sparse FFN+QKV decode ms/token, the C++ step, batch 1, {fp32})")
+    headline("speedup_bf16", figures[bf16, "fused", "sparse FFN+QKV"][0], 2.6,
+             f"x (dense / sparse FFN+QKV decode ms/token, the C++ step, batch 1, {bf16})")
+    headline("speedup_compiled", figures[fp32, "compiled", "sparse FFN+QKV"][0], None,
              f"x (dense / sparse FFN+QKV compiled decode ms/token, batch 1, {fp32})")
-    headline("speedup_bf16", figures[bf16, "compiled", "sparse FFN+QKV"][0], 2.6,
-             f"x (dense / sparse FFN+QKV compiled decode ms/token, batch 1, {bf16})")
-    headline("speedup_eager", figures[fp32, "eager", "sparse FFN+QKV"][0], None,
-             f"x (dense / sparse FFN+QKV eager decode ms/token, batch 1, {fp32})")
     for name in VARIANTS:
-        headline(f"vs_bound_{name.replace(' ', '_').replace('+', '_')}", figures[fp32, "compiled", name][1], 1.5,
-                 f"x (compiled decode ms/token / its bandwidth bound, {fp32})")
+        headline(f"vs_bound_{name.replace(' ', '_').replace('+', '_')}", figures[fp32, "fused", name][1], 1.5,
+                 f"x (decode ms/token with the C++ step / its bandwidth bound, {fp32})")
+    headline("vs_bound_sparse_FFN_QKV_compiled", figures[fp32, "compiled", "sparse FFN+QKV"][1], None,
+             f"x (compiled decode ms/token / its bandwidth bound, {fp32})")
     if val is not None:
         headline("loss_ratio", val["sparse FFN+QKV"]["loss"] / val["dense"]["loss"], 1.02,
                  "sparse FFN+QKV / dense validation loss, same steps and seed")

@@ -58,16 +58,18 @@ struct MultiplicativeConv {
   // The windows of a convolution of width k over modules (zero-padded) and Lk over positions, one
   // per module s, laid out as the kernel (M, Lk, k): window[s][(m Lk + l) k + j] = grid[l, s + j - (k - 1) / 2, m]
   std::vector<float> windows(const T* y, int64_t k) const {
-    const int64_t size = M * Lk * k;
-    std::vector<float> out(S * size);
+    const int64_t size = M * Lk * k, step = Lk * k;
+    std::vector<float> out(S * size, 0.0f);  // modules off the edge stay zero
     for (int64_t s = 0; s < S; ++s)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t l = 0; l < Lk; ++l)
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t module = s + j - (k - 1) / 2;
-            const T* frame = l < Lk - 1 ? frames + l * S * M : y;
-            out[s * size + (m * Lk + l) * k + j] = module >= 0 && module < S ? static_cast<float>(frame[module * M + m]) : 0.0f;
-          }
+      for (int64_t l = 0; l < Lk; ++l)
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t module = s + j - (k - 1) / 2;
+          if (module < 0 || module >= S) continue;
+          // one module's M units, read in order, written every Lk k places
+          const T* __restrict__ from = (l < Lk - 1 ? frames + l * S * M : y) + module * M;
+          float* __restrict__ to = out.data() + s * size + l * k + j;
+          for (int64_t m = 0; m < M; ++m) to[m * step] = static_cast<float>(from[m]);
+        }
     return out;
   }
 
