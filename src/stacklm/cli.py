@@ -418,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype for decoding (auto: bfloat16 where the hardware runs it natively)")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step with torch.compile: tens of seconds to start, "
-                        "then several times faster per token on CPU (worth it for long outputs)")
+                        "then several times faster per token on CPU (worth it for long outputs). Not needed "
+                        "for one sequence on the CPU where the model's components allow stacklm's C++ step "
+                        "(dense or Scaling Transformer blocks): that step is taken anyway, and is faster")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run on any data",

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -69,8 +70,11 @@ def load() -> bool:
     _tried = True
     from torch.utils import cpp_extension
 
+    name = _build_name()
+    if not _built(name):  # the first use on this machine (or of these sources) waits for the compiler
+        print("stacklm: compiling its CPU kernels for this machine (once; about 20 s)", file=sys.stderr, flush=True)
     try:
-        cpp_extension.load(_build_name(), [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # noqa: BLE001 - any failure to build means the PyTorch path
         warnings.warn(f"stacklm's CPU kernels did not build ({type(e).__name__}: {e}); using the "
@@ -81,6 +85,16 @@ def load() -> bool:
     torch.library.register_fake("stacklm::matvec")(_matvec_shape)
     loaded = True
     return True
+
+
+def _built(name: str) -> bool:
+    """Whether PyTorch's cache already holds the library `name` (False where it cannot tell)."""
+    from torch.utils import cpp_extension
+
+    try:  # a private helper: the directory cpp_extension.load builds in
+        return (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:  # noqa: BLE001 - unknown: say nothing rather than fail
+        return True
 
 
 def _build_name() -> str:

@@ -28,7 +28,6 @@
 
 namespace {
 
-using stacklm::for_each_share;
 using stacklm::matvec_into;
 using stacklm::rounded;
 
@@ -52,6 +51,7 @@ const T* data_or_null(const at::Tensor& t) {
 template <typename T>
 void rms_norm(const T* x, const T* w, int64_t d, double eps, T* out) {
   float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
   for (int64_t i = 0; i < d; ++i) squares += static_cast<float>(x[i]) * static_cast<float>(x[i]);
   const float scale = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
   for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(static_cast<float>(x[i]) * scale * static_cast<float>(w[i]));
