@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the one-token decode step with torch.compile: tens of seconds to start, "
                         "then several times faster per token on CPU (worth it for long outputs). Not needed "
                         "for one sequence on the CPU where the model's components allow stacklm's C++ step "
-                        "(dense or Scaling Transformer blocks): that step is taken anyway, and is faster")
+                        "(dense or Scaling Transformer blocks): that step is taken anyway, and is faster "
+                        "(STACKLM_CPU_KERNELS=0 in the environment turns it and the other C++ kernels off)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run on any data",

@@ -58,6 +58,8 @@ def why_not(model) -> str | None:
         for part, fits in parts.items():
             if not fits:
                 return f"block {i}: its {part} is not one the C++ step runs"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "forward hooks on its modules, which the C++ step would not call"
     norms = {n.eps for b in model.blocks for n in (b.attn_norm, b.ffn_norm)}
     sparse = {(f.block_size, f.output_multiplier) for b in model.blocks if isinstance(f := b.ffn, SparseFFN)}
     if len(norms) > 1 or len(sparse) > 1:
@@ -69,13 +71,14 @@ def fused_step(model) -> Callable | None:
     """`step(ids (1, 1), state) -> logits (1, 1, V)` with every block in one C++ call, or None
     where the kernels are off or `why_not(model)`. A call the step cannot take (another batch,
     autocast, gradients) goes through `model` itself."""
-    if not cpu_kernels.available() or why_not(model) is not None:
+    if why_not(model) is not None or not cpu_kernels.available():  # a model it cannot take builds nothing
         return None
     return Step(model)
 
 
 def qkv_weights(proj, empty: torch.Tensor) -> list[torch.Tensor]:
-    """A q/k/v module's weights in decode_step.cpp's order; `empty` for a missing bias."""
+    """A q/k/v module's weights in the order decode_step.cpp lists above `kQKVWeights`; `empty`
+    for a missing bias."""
     if isinstance(proj, DenseQKV):
         qkv, out = proj.qkv_proj, proj.out_proj
         return [qkv.weight, _or(qkv.bias, empty), out.weight, _or(out.bias, empty)]
@@ -85,7 +88,8 @@ def qkv_weights(proj, empty: torch.Tensor) -> list[torch.Tensor]:
 
 
 def ffn_weights(ffn, empty: torch.Tensor) -> list[torch.Tensor]:
-    """An FFN's weights in decode_step.cpp's order; `empty` for a missing bias."""
+    """An FFN's weights in the order decode_step.cpp lists above `kFFNWeights`; `empty` for a
+    missing bias."""
     if isinstance(ffn, SwiGLU):
         return [ffn.gate_up_proj.weight, _or(ffn.gate_up_proj.bias, empty), ffn.out_proj.weight,
                 _or(ffn.out_proj.bias, empty)]
@@ -131,9 +135,10 @@ class Step:
         model = self.model
         if not self.takes(ids, state):
             return model(ids, state)
-        start = model.start(ids, state)
+        start, caches = model.start(ids, state), state.layers
+        if start >= caches[0].k.size(2):  # as KVCache.update says it
+            raise ValueError(f"KV cache holds {caches[0].k.size(2)} positions; {start + 1} requested")
         x = model.position.embed(model.embed(ids), start)  # (1, 1, D)
-        caches = state.layers
         frames = [c.qkv_state.frames if c.qkv_state is not None else self.empty for c in caches]
         x = torch.ops.stacklm.decode_blocks(
             x.reshape(-1), self.weights, [c.k for c in caches], [c.v for c in caches], frames, self.kinds,

@@ -11,6 +11,9 @@ the same result: if the build fails (no compiler, no ninja) stacklm warns once a
 - `stacklm::matvec`: a one-row matmul at the memory's bandwidth, which the compiled decode step
   (inference/generate.py) uses for the one-row matmuls of float32 and bfloat16 models (the
   output projection the largest).
+- `stacklm::decode_blocks`: every block of a batch-1 decode step in one call, on the kernels
+  above (inference/cpu_step.py); it has no PyTorch twin of its own: the modules' step is its
+  fallback.
 """
 
 from __future__ import annotations

@@ -123,11 +123,15 @@ inline void dot_products(const A* a, const B* rows, int64_t stride, int64_t n, i
 // fn(t, shares) for t < shares = at::get_num_threads(), in parallel: each thread takes a share of
 // the work, named by its index rather than by the thread that runs it (one thread may run them all)
 template <typename F>
-inline void for_each_share(const F& fn) {
-  const int64_t shares = at::get_num_threads();
+inline void for_each_share(int64_t shares, const F& fn) {
   at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) fn(t, shares);
   });
+}
+
+template <typename F>
+inline void for_each_share(const F& fn) {
+  for_each_share(at::get_num_threads(), fn);
 }
 
 // [begin, end) of share t of n items, in whole multiples of 8 where it can be

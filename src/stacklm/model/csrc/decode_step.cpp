@@ -16,7 +16,9 @@
 // and an optional rotary table (RoPE or xPos). Other components keep the module path.
 //
 // Rounding follows the module path: each op's output is rounded to the model's dtype, as
-// PyTorch's ops return it; sums are accumulated in float32.
+// PyTorch's ops return it; sums are accumulated in float32. Two exceptions, in bfloat16 models
+// only: attention keeps its scores and probabilities in float32 (the modules' bfloat16
+// attention rounds them), and RMSNorm rounds once, after the gain.
 
 #include "matvec.h"
 #include "multiplicative_conv.h"
@@ -33,9 +35,16 @@ using stacklm::rounded;
 
 enum QKVKind : int64_t { kDenseQKV = 0, kMultiplicativeConv = 1 };
 enum FFNKind : int64_t { kSwiGLU = 0, kSparseFFN = 1 };
-// Weights of each kind, in the order the caller lists them (an empty tensor for a missing bias)
-constexpr int64_t kQKVWeights[] = {4, 7};  // dense: qkv, its bias, out, its bias; multiplicative_conv: see below
-constexpr int64_t kFFNWeights[] = {4, 7};  // swiglu: gate_up, its bias, out, its bias; sparse: see below
+// How many weights each kind takes, in this order (inference/cpu_step.py lists them; an empty
+// tensor stands for a missing bias):
+// - dense q/k/v: the fused q/k/v weight (H hd + 2 Hkv hd, d), its bias, the output weight (d, H hd), its bias;
+// - multiplicative_conv: D (S, d), E (M, d), the shared layer's bias (S M), the q/k kernel
+//   (2 M, M, Lk, 3), its bias (2 M), the v kernel (M, M, Lk, 1), its bias (M);
+// - swiglu: gate and up (2 F, d), their bias, the output weight (d, F), its bias;
+// - sparse FFN: the controller's C1 (R, d), C2 (d_ff, R) and its bias (d_ff), W1 (d_ff, d), its
+//   bias, W2 (d_ff, d), the output bias (d).
+constexpr int64_t kQKVWeights[] = {4, 7};
+constexpr int64_t kFFNWeights[] = {4, 7};
 
 struct Dims {
   int64_t d, n_heads, n_kv_heads, head_dim, max_len, block_size;
@@ -189,6 +198,35 @@ void add_into(T* x, const T* y, int64_t d) {
   for (int64_t i = 0; i < d; ++i) x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
 }
 
+// Whether a block's weights, caches and frames have the shapes the kinds need, checked before
+// anything is written (a failure half way would leave some caches advanced)
+bool block_fits(int64_t qkv_kind, int64_t ffn_kind, const at::Tensor* w, const at::Tensor& frames, const Dims& dims) {
+  const int64_t d = dims.d, q = dims.n_heads * dims.head_dim, kv = dims.n_kv_heads * dims.head_dim;
+  auto is = [](const at::Tensor& t, std::initializer_list<int64_t> shape) { return t.sizes() == at::IntArrayRef(shape); };
+  auto bias = [](const at::Tensor& t, int64_t n) { return t.numel() == 0 || t.sizes() == at::IntArrayRef({n}); };
+  if (!is(w[0], {d})) return false;
+  const at::Tensor* a = w + 1;
+  if (qkv_kind == kDenseQKV) {
+    if (!is(a[0], {q + 2 * kv, d}) || !bias(a[1], q + 2 * kv) || !is(a[2], {d, q}) || !bias(a[3], d)) return false;
+  } else {
+    const int64_t S = a[0].size(0), M = a[1].size(0), Lk = a[3].dim() == 4 ? a[3].size(2) : 0;
+    if (q != d || kv != d || S * M != d || Lk < 1 || !is(a[0], {S, d}) || !is(a[1], {M, d}) || !bias(a[2], d) ||
+        !is(a[3], {2 * M, M, Lk, 3}) || !is(a[4], {2 * M}) || !is(a[5], {M, M, Lk, 1}) || !is(a[6], {M}) ||
+        !is(frames, {1, Lk - 1, d}) || !frames.is_contiguous())
+      return false;
+  }
+  const at::Tensor* f = a + kQKVWeights[qkv_kind];
+  if (!is(f[0], {d})) return false;
+  f += 1;
+  if (ffn_kind == kSwiGLU) {
+    const int64_t hidden = f[0].size(0) / 2;
+    return is(f[0], {2 * hidden, d}) && bias(f[1], 2 * hidden) && is(f[2], {d, hidden}) && bias(f[3], d);
+  }
+  const int64_t rank = f[0].size(0), d_ff = f[3].size(0);
+  return dims.block_size > 0 && d_ff % dims.block_size == 0 && is(f[0], {rank, d}) && is(f[1], {d_ff, rank}) &&
+         is(f[2], {d_ff}) && is(f[3], {d_ff, d}) && bias(f[4], d_ff) && is(f[5], {d_ff, d}) && bias(f[6], d);
+}
+
 at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::TensorList keys, at::TensorList values,
                          at::TensorList frames, at::IntArrayRef kinds, const at::Tensor& rotary, int64_t position,
                          int64_t n_heads, int64_t block_size, double eps, double q_mult, double ffn_multiplier) {
@@ -214,15 +252,20 @@ at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::Tensor
     TORCH_CHECK(kinds[2 * b] >= 0 && kinds[2 * b] <= 1 && kinds[2 * b + 1] >= 0 && kinds[2 * b + 1] <= 1,
                 "decode_blocks: unknown block kind");
     TORCH_CHECK(keys[b].sizes() == keys[0].sizes() && values[b].sizes() == keys[0].sizes() && keys[b].is_contiguous() &&
-                    values[b].is_contiguous(),
-                "decode_blocks: every cache must be contiguous and of the same shape");
-    TORCH_CHECK(kinds[2 * b] != kMultiplicativeConv || frames[b].is_contiguous(), "decode_blocks: frames must be contiguous");
+                    values[b].is_contiguous() && keys[b].scalar_type() == x.scalar_type() &&
+                    values[b].scalar_type() == x.scalar_type(),
+                "decode_blocks: every cache must be contiguous, of the same shape and in x's dtype");
+    TORCH_CHECK(kinds[2 * b] != kMultiplicativeConv || frames[b].scalar_type() == x.scalar_type(),
+                "decode_blocks: frames must be in x's dtype");
     expected += 2 + kQKVWeights[kinds[2 * b]] + kFFNWeights[kinds[2 * b + 1]];
   }
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected, "decode_blocks: expected ", expected, " weights, got ",
               weights.size());
   for (const at::Tensor& t : weights)
     TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.is_contiguous(), "decode_blocks: every weight must be contiguous, in x's dtype");
+  for (int64_t b = 0, at = 0; b < n_blocks; at += 2 + kQKVWeights[kinds[2 * b]] + kFFNWeights[kinds[2 * b + 1]], ++b)
+    TORCH_CHECK(block_fits(kinds[2 * b], kinds[2 * b + 1], weights.data() + at, frames[b], dims), "decode_blocks: block ",
+                b, "'s weights or frames do not have the shapes of its kinds");
   at::Tensor hidden = x.clone();
   STACKLM_DISPATCH(x.scalar_type(), "decode_blocks", [&] {
     const bool rotates = rotary.numel() > 0;
@@ -248,8 +291,10 @@ at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(stacklm, m) {
-  m.def("decode_blocks(Tensor x, Tensor[] weights, Tensor[] keys, Tensor[] values, Tensor[] frames, int[] kinds, "
-        "Tensor rotary, int position, int n_heads, int block_size, float eps, float q_mult, float ffn_multiplier) -> Tensor");
+  // keys, values and frames are written in place; empty tensors stand for missing biases and rotary tables
+  m.def("decode_blocks(Tensor x, Tensor[] weights, Tensor(a!)[] keys, Tensor(b!)[] values, Tensor(c!)[] frames, "
+        "int[] kinds, Tensor rotary, int position, int n_heads, int block_size, float eps, float q_mult, "
+        "float ffn_multiplier) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(stacklm, CPU, m) { m.impl("decode_blocks", &decode_blocks); }

@@ -128,10 +128,11 @@ struct SparseFFN {
 template <typename T>
 inline void sparse_ffn_one(const SparseFFN<T>& layer, T* out) {
   const int64_t d = layer.d_model;
-  std::vector<float> partial(static_cast<size_t>(at::get_num_threads()) * d, 0.0f);
+  const int64_t shares = at::get_num_threads();  // read once: the partials are sized by it
+  std::vector<float> partial(static_cast<size_t>(shares) * d, 0.0f);
   // Shares of whole groups of 8 blocks keep both threads of a small machine busy down to 16 blocks.
-  for_each_share([&](int64_t t, int64_t shares) {
-    const auto [begin, end] = share_of(layer.n_blocks, t, shares);
+  for_each_share(shares, [&](int64_t t, int64_t n) {
+    const auto [begin, end] = share_of(layer.n_blocks, t, n);
     layer.run(begin, end, partial.data() + static_cast<size_t>(t) * d);
   });
   for (int64_t i = 0; i < d; ++i) {
