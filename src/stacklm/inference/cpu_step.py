@@ -107,7 +107,8 @@ class Step:
     def __init__(self, model: Transformer):
         self.model = model
         ref = model.lm_head.weight
-        self.dtype, empty = ref.dtype, ref.new_empty(0)
+        self.dtype, self.empty = ref.dtype, ref.new_empty(0)  # the stand-in for a missing tensor
+        empty = self.empty
         self.kinds, self.weights = [], []
         for block in model.blocks:
             self.kinds += [QKV_KINDS[type(block.attn.proj)], FFN_KINDS[type(block.ffn)]]
@@ -123,7 +124,6 @@ class Step:
         self.options = dict(n_heads=first.attn.n_heads, block_size=sparse[0].block_size if sparse else 1,
                             eps=first.attn_norm.eps, q_mult=first.attn.q_mult,
                             ffn_multiplier=sparse[0].output_multiplier if sparse else 1.0)
-        self.empty = empty
 
     def takes(self, ids: torch.Tensor, state) -> bool:
         """Whether this call fits the C++ step: one new token of one sequence, inference, no autocast."""

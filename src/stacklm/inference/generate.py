@@ -55,7 +55,9 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     context = {} if encoder_ids is None else {"encoder_ids": encoder_ids, "encoder_lengths": encoder_lengths}
     state = model.new_state(b, t + max_new_tokens, **context)
     logits = model(prompt, state)[:, -1]
-    step = (b == 1 and fused and cpu_step.fused_step(model)) or (compiled_decode_step(model) if compile else model)
+    step = cpu_step.fused_step(model) if b == 1 and fused else None
+    if step is None:
+        step = compiled_decode_step(model) if compile else model
     out = [prompt]
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
