@@ -120,13 +120,12 @@ struct Step {
   void attention(int64_t kind, const at::Tensor* w, const T* h, const at::Tensor& keys,
                  const at::Tensor& values, const at::Tensor& frames, T* out) const {
     const int64_t d = dims.d, hd = dims.head_dim, q_size = dims.n_heads * hd, kv_size = dims.n_kv_heads * hd;
-    std::vector<T> q(q_size), k(kv_size), v(kv_size), heads_out(q_size);
+    std::vector<T> qkv(q_size + 2 * kv_size), heads_out(q_size);  // q, then k, then v
+    T* q = qkv.data();
+    T* k = q + q_size;
+    T* v = k + kv_size;
     if (kind == kDenseQKV) {
-      std::vector<T> qkv(q_size + 2 * kv_size);
       matvec_into(h, w[0].data_ptr<T>(), data_or_null<T>(w[1]), q_size + 2 * kv_size, d, qkv.data());
-      std::copy(qkv.begin(), qkv.begin() + q_size, q.begin());
-      std::copy(qkv.begin() + q_size, qkv.begin() + q_size + kv_size, k.begin());
-      std::copy(qkv.begin() + q_size + kv_size, qkv.end(), v.begin());
     } else {  // multiplicative, bias, qk kernel, its bias, v kernel, its bias: w[0] ... w[6]
       const int64_t S = w[0].size(0), M = w[1].size(0), Lk = w[3].size(2);
       T* past = frames.data_ptr<T>();  // (Lk - 1, d), oldest first
@@ -134,10 +133,10 @@ struct Step {
                                                  past, w[3].data_ptr<T>(), w[4].data_ptr<T>(), w[5].data_ptr<T>(),
                                                  w[6].data_ptr<T>(), d, S, M, Lk};
       std::vector<T> y(d), qk(2 * d);
-      layer.run(y.data(), qk.data(), v.data());
+      layer.run(y.data(), qk.data(), v);
       for (int64_t s = 0; s < S; ++s) {  // qk (S, 2, M) -> q, k (S M)
-        std::copy_n(qk.data() + s * 2 * M, M, q.data() + s * M);
-        std::copy_n(qk.data() + s * 2 * M + M, M, k.data() + s * M);
+        std::copy_n(qk.data() + s * 2 * M, M, q + s * M);
+        std::copy_n(qk.data() + s * 2 * M + M, M, k + s * M);
       }
       if (Lk > 1) {  // the frames move on by one: the oldest out, y in
         std::memmove(past, past + d, sizeof(T) * d * (Lk - 2));
@@ -146,18 +145,18 @@ struct Step {
     }
     if (rotary != nullptr) {
       const int64_t half = hd / 2, table = rotary_positions * half, at = position * half;
-      rotate(q.data(), dims.n_heads, hd, rotary + at, rotary + table + at);
-      rotate(k.data(), dims.n_kv_heads, hd, rotary + 2 * table + at, rotary + 3 * table + at);
+      rotate(q, dims.n_heads, hd, rotary + at, rotary + table + at);
+      rotate(k, dims.n_kv_heads, hd, rotary + 2 * table + at, rotary + 3 * table + at);
     }
     if (dims.q_mult != 1.0)
-      for (T& value : q) value = static_cast<T>(static_cast<float>(value) * static_cast<float>(dims.q_mult));
+      for (int64_t i = 0; i < q_size; ++i) q[i] = static_cast<T>(static_cast<float>(q[i]) * static_cast<float>(dims.q_mult));
     T* key_cache = keys.data_ptr<T>();
     T* value_cache = values.data_ptr<T>();
     for (int64_t kv = 0; kv < dims.n_kv_heads; ++kv) {
-      std::copy_n(k.data() + kv * hd, hd, key_cache + (kv * dims.max_len + position) * hd);
-      std::copy_n(v.data() + kv * hd, hd, value_cache + (kv * dims.max_len + position) * hd);
+      std::copy_n(k + kv * hd, hd, key_cache + (kv * dims.max_len + position) * hd);
+      std::copy_n(v + kv * hd, hd, value_cache + (kv * dims.max_len + position) * hd);
     }
-    attend(q.data(), key_cache, value_cache, position + 1, dims, heads_out.data());
+    attend(q, key_cache, value_cache, position + 1, dims, heads_out.data());
     if (kind == kDenseQKV)
       matvec_into(heads_out.data(), w[2].data_ptr<T>(), data_or_null<T>(w[3]), d, q_size, out);
     else
