@@ -42,11 +42,6 @@ def test_bad_values_name_the_key(override, message):
     assert "\n" not in str(e.value)
 
 
-def test_expert_parallelism_runs_beside_ddp_only():
-    with pytest.raises(UserError, match="train.expert_parallel runs beside train.data_parallel=ddp only"):
-        Config.load("configs/tiny.yaml", ["train.expert_parallel=true", "train.data_parallel=fsdp"])
-
-
 def test_bad_files(tmp_path):
     with pytest.raises(UserError, match="config file not found: nope.yaml"):
         Config.load("nope.yaml")

@@ -110,7 +110,8 @@ class TrainConfig:
                                 "replica on each rank; fsdp (FSDP2) shards parameters, gradients and "
                                 "optimizer state across the ranks, gathering each block's weights as it runs")
     expert_parallel: bool = option(False, help="under torchrun, shard each MoE layer's experts across "
-                                   "the ranks (tokens travel by all_to_all); the rest stays data-parallel")
+                                   "the ranks (tokens travel by all_to_all); the rest stays data-parallel "
+                                   "(train.data_parallel: replicated by DDP or sharded by FSDP)")
     device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = option(1337, ge=0)
     deterministic: bool = option(False, help="use deterministic algorithms (bitwise-repeatable on CPU)")
@@ -187,9 +188,6 @@ class Config:
         if m.arch == "decoder" and m.encoder_layers is not None:
             raise UserError("model.encoder_layers is set but model.arch=decoder has no encoder; "
                             "set model.arch=encoder_decoder or drop model.encoder_layers")
-        if self.train.expert_parallel and self.train.data_parallel == "fsdp":
-            raise UserError("train.expert_parallel runs beside train.data_parallel=ddp only (FSDP with "
-                            "sharded experts is not built yet); set train.data_parallel=ddp")
         components = [m.attention, m.ffn, m.position, m.norm, self.train.objective]
         if m.arch == "encoder_decoder":
             if m.position.kind == "xpos":  # its decay is causal: keys after a query would grow

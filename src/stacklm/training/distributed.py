@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -52,34 +53,39 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 
 def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device, kind: str = "ddp",
-                       ignore: list[str] = ()) -> nn.Module:
+                       ignore: Iterable[str] = ()) -> nn.Module:
     """`kind="ddp"`: DDP over every parameter except those named in `ignore` (each rank's own expert
     shares). `kind="fsdp"`: FSDP2, which shards `model` in place (build the optimizer afterwards):
     each block of the model's stacks is a unit whose weights are gathered just before it runs and
     freed after; the rest (embeddings, positions, final norms, head) is the root's unit, gathered
-    for the whole forward and backward."""
+    for the whole forward and backward. The parameters named in `ignore` stay whole and local under
+    both, their gradients not reduced."""
     if info.world == 1:
         return model
     if kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        broadcast_weights(model)  # each rank shards its own copy: make them rank 0's, as DDP does
+        broadcast_weights(model, skip=ignore)  # each rank shards its own copy: make them rank 0's, as DDP does
         mesh = init_device_mesh(device.type, (info.world,))  # the run's device, not the default accelerator
+        ignored = {p for name, p in model.named_parameters() if name in set(ignore)}
         for stack in model.stacks().values():
             for block in stack:
-                fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                fully_shard(block, mesh=mesh, ignored_params=ignored)
+        fully_shard(model, mesh=mesh, ignored_params=ignored)
         return model
     if ignore:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def broadcast_weights(model: nn.Module) -> None:
-    """Rank 0's parameters and buffers on every rank (before each keeps a shard of them)."""
-    for tensor in model.state_dict().values():
-        dist.broadcast(tensor, src=0)
+def broadcast_weights(model: nn.Module, skip: Iterable[str] = ()) -> None:
+    """Rank 0's parameters and buffers on every rank (before each keeps a shard of them), but for
+    those named in `skip` (each rank's own)."""
+    skip = set(skip)
+    for name, tensor in model.state_dict().items():
+        if name not in skip:
+            dist.broadcast(tensor, src=0)
 
 
 def gradient_sync(parallel: nn.Module, last: bool) -> contextlib.AbstractContextManager:
@@ -110,14 +116,18 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     """An FSDP model's unsharded state dict and its optimizer's (keyed by parameter name), in host
     memory on rank 0 and empty elsewhere. A collective: every rank calls it. Tied parameters share
     one tensor again (the gather returns a copy per name), so a file stores them once."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
+    return full_model_state(model), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """`full_state`'s model half: the unsharded state dict on rank 0 ({} elsewhere). Parameters
+    FSDP ignores (sharded experts) come as rank 0 holds them. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # safetensors saves only tensors that cover their storage; a gather of uneven shards (a
     # dimension the world size does not divide) returns a view into a padded buffer
     weights = {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in weights.items()}
@@ -126,7 +136,40 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
         kept = first.setdefault(id(p), name)
         if kept != name and name in weights:
             weights[name] = weights[kept]
-    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+    return weights
+
+
+def local_state(state):
+    """A nested dict / list of tensors (an optimizer's state dict) with each DTensor replaced by this
+    rank's shard of it, in host memory: what a rank saves of its own state."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return state.to_local().cpu()
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: local_state(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(local_state(value) for value in state)
+    return state
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state `local_state` saved on this rank: the shards of sharded (DTensor) parameters
+    become DTensors again, laid out as their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            entries = optimizer.state.get(p, {})
+            for key, value in entries.items():  # moments like the parameter; scalars (Adam's step) stay
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.dim() > 0:
+                    entries[key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
+                                                      run_check=False, shape=p.shape, stride=p.stride())
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:

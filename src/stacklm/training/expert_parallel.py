@@ -93,11 +93,12 @@ def unsharded_name(name: str) -> str:
     return name.replace(".experts.local.", ".experts.")
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """`model.state_dict()` as the unsharded model's on the main rank, every expert gathered
     there (its local entries elsewhere). A collective: every rank calls it. Tensors shared by names
-    (tied embeddings) stay shared."""
-    state = model.state_dict()
+    (tied embeddings) stay shared. `state`: the rest of the model's state to start from (under
+    FSDP, its gathered state dict) instead of `model.state_dict()`."""
+    state = model.state_dict() if state is None else state
     for prefix, module in sharded_modules(model).items():
         for key in [k for k in state if k.startswith(f"{prefix}.")]:
             del state[key]
@@ -116,18 +117,26 @@ def scale_sharded_grads(model: nn.Module, factor: float) -> None:
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` over the whole unsharded model: the replicated gradients'
-    norm (equal on every rank after DDP's all-reduce) combined with every rank's expert shares'.
+    norm (equal on every rank after DDP's all-reduce; gathered from FSDP's shards) combined with
+    every rank's expert shares'.
     Returns the total norm, the same on every rank."""
+    from torch.distributed.tensor import DTensor
+
     sharded = {id(p) for m in sharded_modules(model).values() for p in m.parameters()}
     params = [p for p in model.parameters() if p.grad is not None]
     device = next(model.parameters()).device
 
     def squared(grads: list[torch.Tensor]) -> torch.Tensor:
-        return torch.nn.utils.get_total_norm(grads).float() ** 2 if grads else torch.zeros((), device=device)
+        if not grads:
+            return torch.zeros((), device=device)
+        norm = torch.nn.utils.get_total_norm(grads)  # under FSDP, of DTensor shards: whole below
+        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
 
     experts = squared([p.grad for p in params if id(p) in sharded])
     dist.all_reduce(experts, group=group)
-    total = (squared([p.grad for p in params if id(p) not in sharded]) + experts).sqrt()
-    if math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    replicated = [p for p in params if id(p) not in sharded]
+    total = (squared([p.grad for p in replicated]) + experts).sqrt()
+    if math.isfinite(max_norm):  # in two calls: FSDP's DTensor gradients and the experts' plain ones
+        torch.nn.utils.clip_grads_with_norm_(replicated, max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if id(p) in sharded], max_norm, total)
     return total

@@ -4,6 +4,7 @@ linear-warmup cosine schedule."""
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -29,8 +30,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         decay = p.dim() >= 2 and id(p) not in keep
         lr_mult = roles[unsharded_name(name)].lr_mult if roles else 1.0
         groups.setdefault((decay, lr_mult), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": lr_mult}
-            for (decay, lr_mult), params in groups.items() if params or lr_mult == 1.0]
+    return split_mixed([{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": lr_mult}
+                        for (decay, lr_mult), params in groups.items() if params or lr_mult == 1.0])
+
+
+def split_mixed(groups: list[dict]) -> list[dict]:
+    """Each group holding both FSDP's DTensors and plain tensors (the sharded experts FSDP leaves
+    alone) as two groups: fused AdamW steps a group's tensors together and cannot mix the two."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # none made if not loaded
+    if dtensor is None:
+        return groups
+    out = []
+    for group in groups:
+        parts = [[p for p in group["params"] if isinstance(p, dtensor) == kind] for kind in (True, False)]
+        out += [{**group, "params": part} for part in parts] if all(parts) else [group]
+    return out
 
 
 def build_optimizer(model: nn.Module, tcfg, device: torch.device) -> torch.optim.AdamW:

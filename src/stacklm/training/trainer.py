@@ -84,17 +84,6 @@ def init_run_dir(config: Config, run_dir: Path, info: Dist, resume: bool, overwr
     info.barrier()
 
 
-def to_cpu(state):
-    """A copy of a nested dict / list of tensors with every tensor in host memory."""
-    if isinstance(state, torch.Tensor):
-        return state.cpu()
-    if isinstance(state, dict):
-        return {key: to_cpu(value) for key, value in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(to_cpu(value) for value in state)
-    return state
-
-
 def shard_experts(model: torch.nn.Module, info: Dist) -> bool:
     """Apply `train.expert_parallel`; returns whether the experts are now sharded (not when alone)."""
     if not any(isinstance(m, MoE) for m in model.modules()):
@@ -109,8 +98,11 @@ def shard_experts(model: torch.nn.Module, info: Dist) -> bool:
 
 def optimizer_layout(sharded_experts: bool, fully_sharded: bool) -> str:
     """How a checkpoint holds the optimizer state: one replica's `state_dict()` ("replicated": one
-    process or DDP), every rank's ("expert_parallel"), or the unsharded state by name ("fsdp")."""
-    return "expert_parallel" if sharded_experts else "fsdp" if fully_sharded else "replicated"
+    process or DDP), the unsharded state by name ("fsdp"), or every rank's own, with sharded experts
+    ("expert_parallel" beside DDP, "expert_parallel_fsdp" beside FSDP: each rank's shards)."""
+    if sharded_experts:
+        return "expert_parallel_fsdp" if fully_sharded else "expert_parallel"
+    return "fsdp" if fully_sharded else "replicated"
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, state: dict, layout: str,
@@ -131,14 +123,18 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
         distributed.load_full_optimizer_state(model, optimizer, optim)
     elif saved == layout == "expert_parallel" and len(state["optimizer"]) == info.world:
         optimizer.load_state_dict(state["optimizer"][info.rank])
+    elif saved == layout == "expert_parallel_fsdp" and len(state["optimizer"]) == info.world:
+        distributed.load_local_optimizer_state(optimizer, state["optimizer"][info.rank])
     else:
         def describe(layout: str, ranks: int) -> str:
             return {"replicated": "no sharding (one process or DDP)", "fsdp": "FSDP",
-                    "expert_parallel": f"expert parallelism over {ranks} ranks"}[layout]
+                    "expert_parallel": f"expert parallelism over {ranks} ranks",
+                    "expert_parallel_fsdp": f"expert parallelism and FSDP over {ranks} ranks"}[layout]
 
         raise UserError(f"--resume: {checkpoint} was saved with {describe(saved, len(state['optimizer']))} "
                         f"and this run has {describe(layout, info.world)}; a run with sharded experts "
-                        f"resumes with the same train.expert_parallel and number of processes")
+                        f"resumes with the same train.expert_parallel, train.data_parallel and number "
+                        f"of processes")
 
 
 def train(config: Config, resume: bool = False, overwrite: bool = False,
@@ -226,10 +222,11 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         # unsharded optimizer state; sharded experts with every rank's optimizer state
         if layout == "fsdp":
             weights, optim_state = distributed.full_state(model, optimizer)
-        elif layout == "expert_parallel":  # through host memory: rank 0's device need not hold every rank's state
-            weights = expert_parallel.full_state_dict(model)
+        elif sharded:  # through host memory: rank 0's device need not hold every rank's state
+            gathered = distributed.full_model_state(model) if layout == "expert_parallel_fsdp" else None
+            weights = expert_parallel.full_state_dict(model, gathered)
             optim_state = [None] * info.world if info.main else None
-            torch.distributed.gather_object(to_cpu(optimizer.state_dict()), optim_state)
+            torch.distributed.gather_object(distributed.local_state(optimizer.state_dict()), optim_state)
         else:
             weights, optim_state = model, optimizer.state_dict()
         if not info.main:
