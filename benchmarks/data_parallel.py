@@ -14,7 +14,12 @@ timed one) for a few steps; each rank's peak resident memory over what it held b
 was built is read from /proc (the larger of the two ranks'), once for building and wrapping the
 model (every rank builds it whole before FSDP shards it) and once, restarted, for the steps.
 
-    python -m benchmarks.data_parallel [--quick] [--rounds N]
+With --moe the model is configs/switch-moe.yaml's (8 experts in every layer) and each wrapping
+also shards the experts across the ranks (`train.expert_parallel`): expert parallelism beside DDP
+against expert parallelism beside FSDP, with the trainer's expert-parallel pieces (the experts'
+gradients scaled to a mean over ranks, clipping on the whole model's norm).
+
+    python -m benchmarks.data_parallel [--quick] [--moe] [--rounds N]
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from torch.distributed.tensor import DTensor
 
 import stacklm
 from benchmarks.common import alternate, headline, load_average, machine, median, speedup, table
-from stacklm.training import distributed
+from stacklm.training import distributed, expert_parallel
 from stacklm.training.optim import build_optimizer
 
 WORLD = 2
 QUICK = ["model.d_model=128", "model.n_layers=2", "model.vocab_size=4096", "data.seq_len=128"]
 MEMORY = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8"]
+MOE = ["model.ffn=moe", "model.ffn.n_experts=8"]  # switch-moe.yaml's layer (its other settings are the defaults)
 
 
 def resident(field: str) -> int:
@@ -58,7 +64,7 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
 
 
 def worker(rank: int, store: str, overrides: list[str], kinds: tuple[str, ...], rounds: int, batch: int,
-           results: dict) -> None:
+           experts: bool, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     info, device = distributed.Dist(rank, WORLD, rank), torch.device("cpu")
@@ -69,7 +75,11 @@ def worker(rank: int, store: str, overrides: list[str], kinds: tuple[str, ...], 
     for kind in kinds:
         torch.manual_seed(0)  # the same weights in both, and on every rank
         model = stacklm.build_model(config).train()
-        parallel = distributed.wrap_data_parallel(model, info, device, kind)
+        if experts:  # as the trainer's shard_experts: every rank keeps its slice of rank 0's experts
+            distributed.broadcast_weights(model)
+            expert_parallel.apply_expert_parallel(model)
+        parallel = distributed.wrap_data_parallel(model, info, device, kind,
+                                                  expert_parallel.sharded_parameter_names(model))
         setups[kind] = (model, parallel, build_optimizer(model, config.train, device))
     built = resident("VmHWM") - before  # the whole model is built on each rank before sharding
     with open("/proc/self/clear_refs", "w") as f:
@@ -84,10 +94,17 @@ def worker(rank: int, store: str, overrides: list[str], kinds: tuple[str, ...], 
         ids = batches[len(losses[kind]) % len(batches)]
         with autocast:
             loss = parallel(ids[:, :-1], targets=ids[:, 1:])
-        loss.backward()
-        distributed.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            aux = model.auxiliary_loss()
+        (loss if aux is None else loss + aux).backward()
+        if experts:
+            expert_parallel.scale_sharded_grads(model, 1 / WORLD)
+            expert_parallel.clip_grad_norm_(model, config.train.grad_clip)
+        else:
+            distributed.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # keep the gradients' memory, to count it
+        for p in model.parameters():  # zeroed, not freed, to count their memory (one by one: zero_grad's
+            if p.grad is not None:    # foreach cannot mix FSDP's DTensors with the experts' plain tensors)
+                p.grad.zero_()
         losses[kind].append(info.all_reduce_sum(loss.detach()).item() / WORLD)
 
     times = alternate({kind: (lambda kind=kind: step(kind)) for kind in setups}, rounds, warmup=2)
@@ -104,11 +121,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps of each (default 20, quick 8)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
+    parser.add_argument("--moe", action="store_true", help="an MoE model, its experts sharded across the "
+                        "ranks beside each wrapping (expert parallelism)")
     args = parser.parse_args()
     rounds = args.rounds or (8 if args.quick else 20)
-    overrides = QUICK if args.quick else []
-    print(f"machine: {machine()}; load {load_average()}; {WORLD} gloo ranks x 1 thread")
-    results = spawn(overrides, ("ddp", "fsdp"), rounds, args.batch)[0]  # rank 0's
+    moe = MOE if args.moe else []
+    overrides = [*moe, *(QUICK if args.quick else [])]
+    print(f"machine: {machine()}; load {load_average()}; {WORLD} gloo ranks x 1 thread"
+          f"{'; MoE, experts sharded across the ranks' if args.moe else ''}")
+    results = spawn(overrides, ("ddp", "fsdp"), rounds, args.batch, args.moe)[0]  # rank 0's
     times, losses, held = results["times"], results["losses"], results["bytes"]
     agree = max(abs(a - b) / abs(a) for a, b in zip(losses["ddp"], losses["fsdp"], strict=True))
     print(f"model: {results['params'] / 1e6:.1f}M parameters, batch {args.batch} x {WORLD} ranks, "
@@ -120,7 +141,7 @@ def main() -> None:
         raise SystemExit(f"FSDP and DDP took different steps (relative loss difference {agree:.1e})")
     peak, built, state = {}, {}, {}
     for kind in ("ddp", "fsdp"):
-        ranks = spawn(overrides if args.quick else MEMORY, (kind,), 3, 2)
+        ranks = spawn(overrides if args.quick else [*moe, *MEMORY], (kind,), 3, 2, args.moe)
         peak[kind] = max(r["peak"] for r in ranks.values())
         built[kind] = max(r["built"] for r in ranks.values())
         state[kind] = ranks[0]["bytes"][kind]
@@ -128,16 +149,20 @@ def main() -> None:
           f"rank, resident memory over what the rank held before building the model):")
     rows = [[kind.upper(), state[kind] / 2**20, built[kind] / 2**20, peak[kind] / 2**20] for kind in ("ddp", "fsdp")]
     print(table(rows, ["wrapping", "training state", "peak while building", "peak while training"]))
-    headline("fsdp_step_time_ratio", 1 / speedup(times["ddp"], times["fsdp"]), None, "x (FSDP / DDP)")
-    headline("fsdp_state_bytes_ratio", held["fsdp"] / held["ddp"], 1 / WORLD, "x (FSDP / DDP, per rank)")
-    headline("fsdp_peak_memory_ratio", peak["fsdp"] / peak["ddp"], None, "x (FSDP / DDP, per rank, measured)")
+    prefix, beside = ("ep_", ", experts sharded beside both") if args.moe else ("", "")
+    headline(f"{prefix}fsdp_step_time_ratio", 1 / speedup(times["ddp"], times["fsdp"]), None, f"x (FSDP / DDP{beside})")
+    headline(f"{prefix}fsdp_state_bytes_ratio", held["fsdp"] / held["ddp"], None if args.moe else 1 / WORLD,
+             f"x (FSDP / DDP, per rank{beside})")
+    headline(f"{prefix}fsdp_peak_memory_ratio", peak["fsdp"] / peak["ddp"], None,
+             f"x (FSDP / DDP, per rank, measured{beside})")
 
 
-def spawn(overrides: list[str], kinds: tuple[str, ...], rounds: int, batch: int) -> dict[int, dict]:
+def spawn(overrides: list[str], kinds: tuple[str, ...], rounds: int, batch: int, experts: bool = False) -> dict[int, dict]:
     """Run `worker` on WORLD fresh processes; each rank's results."""
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(f"{tmp}/store", overrides, kinds, rounds, batch, results), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(f"{tmp}/store", overrides, kinds, rounds, batch, experts, results), nprocs=WORLD,
+                 join=True)
         return dict(results)
 
 
