@@ -97,7 +97,7 @@ def worker(rank: int, store: str, overrides: list[str], kinds: tuple[str, ...], 
             aux = model.auxiliary_loss()
         (loss if aux is None else loss + aux).backward()
         if experts:
-            expert_parallel.scale_sharded_grads(model, 1 / WORLD)
+            expert_parallel.finish_sharded_grads(model, WORLD)
             expert_parallel.clip_grad_norm_(model, config.train.grad_clip)
         else:
             distributed.clip_grad_norm_(model.parameters(), config.train.grad_clip)

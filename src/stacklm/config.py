@@ -112,6 +112,10 @@ class TrainConfig:
     expert_parallel: bool = option(False, help="under torchrun, shard each MoE layer's experts across "
                                    "the ranks (tokens travel by all_to_all); the rest stays data-parallel "
                                    "(train.data_parallel: replicated by DDP or sharded by FSDP)")
+    expert_parallel_size: int | None = option(None, ge=1, help="with train.expert_parallel: the ranks each "
+                                              "layer's experts are split across (None: all); it must divide "
+                                              "the number of processes, and n_experts must be a multiple of "
+                                              "it; groups of consecutive ranks, each holding every expert")
     device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = option(1337, ge=0)
     deterministic: bool = option(False, help="use deterministic algorithms (bitwise-repeatable on CPU)")
@@ -188,6 +192,9 @@ class Config:
         if m.arch == "decoder" and m.encoder_layers is not None:
             raise UserError("model.encoder_layers is set but model.arch=decoder has no encoder; "
                             "set model.arch=encoder_decoder or drop model.encoder_layers")
+        if self.train.expert_parallel_size is not None and not self.train.expert_parallel:
+            raise UserError("train.expert_parallel_size is set but train.expert_parallel is false; set "
+                            "train.expert_parallel=true or drop train.expert_parallel_size")
         components = [m.attention, m.ffn, m.position, m.norm, self.train.objective]
         if m.arch == "encoder_decoder":
             if m.position.kind == "xpos":  # its decay is causal: keys after a query would grow

@@ -129,3 +129,44 @@ def test_stacklm_train_with_expert_parallelism(data_parallel, tiny, tmp_path, ca
 def test_expert_parallel_needs_experts(tiny):
     with pytest.raises(UserError, match="train.expert_parallel shards MoE experts"):
         train(tiny("train.expert_parallel=true", "train.steps=1"), log=lambda m: None)
+
+
+def test_expert_groups_smaller_than_the_world(tiny, tmp_path, cache_dir, torchrun_train):
+    """4 ranks in expert groups of 2 (`train.expert_parallel_size=2`: ranks 0-1 and 2-3 each split
+    the 4 experts, ranks 0 and 2 holding the same two): the same steps as DDP on 4 ranks, beside
+    DDP and beside FSDP; the checkpoint is the whole model; a resumed run repeats the losses."""
+    common = ["model.ffn=moe", "model.ffn.n_experts=4", "model.ffn.capacity_factor=1.0", "train.steps=4",
+              "train.log_every=1", "train.dtype=float32", "train.threads=1", "train.batch_size=2",
+              "train.ckpt_every=2", "train.eval_every=2", "train.grad_clip=0.2", "train.eval_batches=2",
+              f"data.cache_dir={cache_dir}", "train.progress=false", "eval.sample_tokens=0"]
+    groups = ["train.expert_parallel=true", "train.expert_parallel_size=2"]
+    runs = {name: tmp_path / name for name in ("dp", "ddp", "fsdp")}
+    torchrun_train(*common, f"train.out_dir={runs['dp']}", ranks=4)
+    torchrun_train(*common, *groups, f"train.out_dir={runs['ddp']}", ranks=4)
+    torchrun_train(*common, *groups, "train.data_parallel=fsdp", f"train.out_dir={runs['fsdp']}", ranks=4)
+    dp = read_metrics(runs["dp"], "train")
+    for name in ("ddp", "fsdp"):
+        ep = read_metrics(runs[name], "train")
+        assert [r["loss"] for r in ep] == pytest.approx([r["loss"] for r in dp], rel=1e-4), name
+        assert [r["grad_norm"] for r in ep] == pytest.approx([r["grad_norm"] for r in dp], rel=1e-4), name
+    assert min(r["grad_norm"] for r in dp) > 0.2  # clipping acted on every step
+
+    ep_model, dp_model = load_run(runs["ddp"]).model, load_run(runs["dp"]).model
+    for (name, p), q in zip(ep_model.named_parameters(), dp_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+    straight = [r["loss"] for r in read_metrics(runs["ddp"], "train")]
+    ckpt = Checkpointer(runs["ddp"] / "checkpoints")
+    shutil.rmtree(ckpt.latest())
+    (runs["ddp"] / "checkpoints" / "latest").unlink()
+    torchrun_train(*common, *groups, f"train.out_dir={runs['ddp']}", "--resume", ranks=4)
+    assert [r["loss"] for r in read_metrics(runs["ddp"], "train")] == straight
+
+    with pytest.raises(UserError, match="saved with expert parallelism in groups of 2 over 4 ranks and this "
+                                        "run has no sharding"):
+        train(tiny(*common, f"train.out_dir={runs['ddp']}", "train.steps=6"), resume=True, log=lambda m: None)
+
+
+def test_expert_parallel_size_needs_expert_parallel():
+    with pytest.raises(UserError, match="train.expert_parallel_size is set but train.expert_parallel is false"):
+        Config.load("configs/tiny.yaml", ["train.expert_parallel_size=2"])

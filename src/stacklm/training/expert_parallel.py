@@ -1,6 +1,9 @@
 """Expert parallelism, applied to a built model from outside (as torchtitan does): each rank keeps
-n_experts / world of every MoE layer's experts, and the tokens routed to an expert travel to its
-rank and back with all_to_all. The router, the attention and everything else stay replicated.
+n_experts / size of every MoE layer's experts, where `size` ranks (an expert group) share them out,
+and the tokens routed to an expert travel to its rank and back with all_to_all. The router, the
+attention and everything else stay data-parallel. With groups smaller than the world (more ranks
+than a layer has experts, say), ranks at the same place in different groups hold the same experts
+(replicas) and sum those experts' gradients.
 
 The collectives are PyTorch's functional ones (`torch.distributed._functional_collectives`), whose
 all_to_all carries gradients: the backward pass sends each token's gradient back the way it came.
@@ -23,9 +26,11 @@ class ExpertParallel(nn.Module):
     """This rank's share of a layer's experts, called like the whole set: tokens sorted by global
     expert with counts (E,) in, their outputs in the same order out."""
 
-    def __init__(self, experts: nn.Module, group: dist.ProcessGroup | None = None):
+    def __init__(self, experts: nn.Module, group: dist.ProcessGroup | None = None,
+                 replicas: dist.ProcessGroup | None = None):
         super().__init__()
         self.group = group or dist.group.WORLD
+        self.replicas = replicas  # the ranks holding the same experts as this one, if more than it
         self.world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.n_experts = experts.n_experts
         if self.n_experts % self.world:
@@ -66,16 +71,33 @@ class ExpertParallel(nn.Module):
         return type(self.local).merge_state(shares)
 
 
-def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Shard every MoE layer's experts of `model` across `group` (default: all ranks), in place.
+def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None,
+                          replicas: dist.ProcessGroup | None = None) -> nn.Module:
+    """Shard every MoE layer's experts of `model` across `group` (default: all ranks), in place;
+    `replicas`: the ranks in other groups holding the same slice (`expert_groups`), if any.
 
     Every rank must hold the same weights beforehand (same seed, or the same checkpoint); each then
-    keeps its slice. An expert's gradient is the sum over the tokens of all ranks that reached it.
+    keeps its slice. An expert's gradient is the sum over the tokens of the group's ranks that
+    reached it (`finish_sharded_grads` adds the replicas').
     """
     for module in model.modules():
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallel):
-            module.experts = ExpertParallel(module.experts, group)
+            module.experts = ExpertParallel(module.experts, group, replicas)
     return model
+
+
+def expert_groups(device_type: str, size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """This rank's expert group and replica group when the world splits into expert groups of
+    `size` consecutive ranks: a (world / size, size) device mesh, "expert" along its rows (ranks
+    0 .. size - 1, then size .., ...) and "replica" along its columns (ranks i, i + size, ...).
+    The replica group is None when one group spans the world."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if size < 1 or world % size:
+        raise UserError(f"train.expert_parallel_size ({size}) must divide the number of processes ({world})")
+    mesh = init_device_mesh(device_type, (world // size, size), mesh_dim_names=("replica", "expert"))
+    return mesh.get_group("expert"), mesh.get_group("replica") if world > size else None
 
 
 def sharded_modules(model: nn.Module) -> dict[str, ExpertParallel]:
@@ -95,34 +117,43 @@ def unsharded_name(name: str) -> str:
 
 def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """`model.state_dict()` as the unsharded model's on the main rank, every expert gathered
-    there (its local entries elsewhere). A collective: every rank calls it. Tensors shared by names
-    (tied embeddings) stay shared. `state`: the rest of the model's state to start from (under
-    FSDP, its gathered state dict) instead of `model.state_dict()`."""
+    there from its expert group (its local entries elsewhere). A collective over the main rank's
+    expert group: every rank calls it. Tensors shared by names (tied embeddings) stay shared.
+    `state`: the rest of the model's state to start from (under FSDP, its gathered state dict)
+    instead of `model.state_dict()`."""
     state = model.state_dict() if state is None else state
     for prefix, module in sharded_modules(model).items():
+        if 0 not in dist.get_process_group_ranks(module.group):  # the main rank's group gathers; the others wait
+            continue
         for key in [k for k in state if k.startswith(f"{prefix}.")]:
             del state[key]
         state.update({f"{prefix}.{key}": value for key, value in module.full_state_dict().items()})
     return state
 
 
-def scale_sharded_grads(model: nn.Module, factor: float) -> None:
-    """Multiply the gradients of the sharded experts by `factor`. Each holds the sum over every
-    rank's tokens; DDP averages the replicated parameters' gradients, so 1 / world matches it."""
+def finish_sharded_grads(model: nn.Module, world: int) -> None:
+    """The sharded experts' gradients as DDP leaves the rest's: summed over the replicas (the other
+    expert groups' ranks holding the same experts), so each is the sum over every rank's tokens,
+    then divided by the world size, as DDP averages."""
     for module in sharded_modules(model).values():
-        for p in module.parameters():
-            if p.grad is not None:
-                p.grad.mul_(factor)
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if module.replicas is not None:
+            for grad in grads:
+                dist.all_reduce(grad, group=module.replicas)
+        for grad in grads:
+            grad.div_(world)
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` over the whole unsharded model: the replicated gradients'
     norm (equal on every rank after DDP's all-reduce; gathered from FSDP's shards) combined with
-    every rank's expert shares'.
-    Returns the total norm, the same on every rank."""
+    the expert shares' of every rank in the expert group (after `finish_sharded_grads`, the
+    replicas' are the same). Returns the total norm, the same on every rank."""
     from torch.distributed.tensor import DTensor
 
-    sharded = {id(p) for m in sharded_modules(model).values() for p in m.parameters()}
+    modules = list(sharded_modules(model).values())
+    group = modules[0].group if modules else None
+    sharded = {id(p) for m in modules for p in m.parameters()}
     params = [p for p in model.parameters() if p.grad is not None]
     device = next(model.parameters()).device
 

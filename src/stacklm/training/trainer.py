@@ -84,15 +84,18 @@ def init_run_dir(config: Config, run_dir: Path, info: Dist, resume: bool, overwr
     info.barrier()
 
 
-def shard_experts(model: torch.nn.Module, info: Dist) -> bool:
-    """Apply `train.expert_parallel`; returns whether the experts are now sharded (not when alone)."""
+def shard_experts(model: torch.nn.Module, info: Dist, size: int | None, device: torch.device) -> bool:
+    """Apply `train.expert_parallel` over expert groups of `size` ranks (None: all of them);
+    returns whether the experts are now sharded (not when alone, or in groups of one)."""
     if not any(isinstance(m, MoE) for m in model.modules()):
         raise UserError("train.expert_parallel shards MoE experts, and this model has none; set "
                         "model.ffn=moe, or train.expert_parallel=false")
-    if info.world == 1:
+    size = size or info.world
+    if info.world == 1 or size == 1:
         return False
+    group, replicas = expert_parallel.expert_groups(device.type, size)
     distributed.broadcast_weights(model)  # each rank keeps its slice of the same experts: rank 0's
-    expert_parallel.apply_expert_parallel(model)
+    expert_parallel.apply_expert_parallel(model, group, replicas)
     return True
 
 
@@ -106,11 +109,14 @@ def optimizer_layout(sharded_experts: bool, fully_sharded: bool) -> str:
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, state: dict, layout: str,
-                      info: Dist, checkpoint: Path) -> None:
+                      info: Dist, checkpoint: Path, expert_size: int | None = None) -> None:
     """Load this rank's optimizer state from a checkpoint's trainer state. A whole state (one
     process, DDP, FSDP) resumes under any of them, on any number of ranks; expert-parallel
-    states only as they were saved."""
+    states only as they were saved (`expert_size`: the ranks of an expert group)."""
     saved = state.get("layout") or ("expert_parallel" if state.get("expert_parallel") else "replicated")
+    saved_ranks = len(state["optimizer"]) if saved.startswith("expert_parallel") else None
+    saved_size = state.get("expert_parallel_size", saved_ranks)  # older checkpoints: over every rank
+    as_saved = saved == layout and saved_ranks == info.world and saved_size == expert_size
     whole = ("replicated", "fsdp")
     if saved in whole and layout == "replicated":
         optim = state["optimizer"]
@@ -121,20 +127,22 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
         if optim is not None and saved == "replicated":
             optim = distributed.rekey_optimizer_state(model, optimizer, optim, by_name=True)
         distributed.load_full_optimizer_state(model, optimizer, optim)
-    elif saved == layout == "expert_parallel" and len(state["optimizer"]) == info.world:
+    elif as_saved and layout == "expert_parallel":
         optimizer.load_state_dict(state["optimizer"][info.rank])
-    elif saved == layout == "expert_parallel_fsdp" and len(state["optimizer"]) == info.world:
+    elif as_saved and layout == "expert_parallel_fsdp":
         distributed.load_local_optimizer_state(optimizer, state["optimizer"][info.rank])
     else:
-        def describe(layout: str, ranks: int) -> str:
-            return {"replicated": "no sharding (one process or DDP)", "fsdp": "FSDP",
-                    "expert_parallel": f"expert parallelism over {ranks} ranks",
-                    "expert_parallel_fsdp": f"expert parallelism and FSDP over {ranks} ranks"}[layout]
+        def describe(layout: str, ranks: int | None, size: int | None) -> str:
+            if not layout.startswith("expert_parallel"):
+                return {"replicated": "no sharding (one process or DDP)", "fsdp": "FSDP"}[layout]
+            groups = f"in groups of {size} " if size != ranks else ""
+            beside = " and FSDP" if layout.endswith("fsdp") else ""
+            return f"expert parallelism{beside} {groups}over {ranks} ranks"
 
-        raise UserError(f"--resume: {checkpoint} was saved with {describe(saved, len(state['optimizer']))} "
-                        f"and this run has {describe(layout, info.world)}; a run with sharded experts "
-                        f"resumes with the same train.expert_parallel, train.data_parallel and number "
-                        f"of processes")
+        raise UserError(f"--resume: {checkpoint} was saved with {describe(saved, saved_ranks, saved_size)} "
+                        f"and this run has {describe(layout, info.world, expert_size)}; a run with sharded "
+                        f"experts resumes with the same train.expert_parallel, train.expert_parallel_size, "
+                        f"train.data_parallel and number of processes")
 
 
 def train(config: Config, resume: bool = False, overwrite: bool = False,
@@ -179,7 +187,8 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     latest = ckpt.latest() if resume else None
     if latest is not None:
         load_weights(model, latest)  # checkpoints hold the unsharded model
-    sharded = shard_experts(model, info) if tcfg.expert_parallel else False
+    sharded = shard_experts(model, info, tcfg.expert_parallel_size, device) if tcfg.expert_parallel else False
+    expert_size = (tcfg.expert_parallel_size or info.world) if sharded else None
     parallel = wrap_data_parallel(model, info, device, tcfg.data_parallel,
                                   expert_parallel.sharded_parameter_names(model))
     layout = optimizer_layout(sharded, distributed.is_fully_sharded(model))
@@ -192,7 +201,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         # Mapped from the file under FSDP, where rank 0 alone reads the optimizer state (copies
         # of it are then sharded); read whole otherwise, as the optimizer keeps what it is given
         state = load_state(latest, mmap=layout == "fsdp")
-        restore_optimizer(optimizer, model, state, layout, info, latest)
+        restore_optimizer(optimizer, model, state, layout, info, latest, expert_size)
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         step, skipped = state["step"], state["skipped_steps"]
@@ -232,7 +241,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         if not info.main:
             return None
         state = {"step": at, "skipped_steps": skipped, "trained_tokens": trained_tokens,
-                 "optimizer": optim_state, "layout": layout,
+                 "optimizer": optim_state, "layout": layout, "expert_parallel_size": expert_size,
                  "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()}}
         return ckpt.save(at, weights, state)
 
@@ -259,7 +268,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
                 ((loss if aux is None else loss + aux) / tcfg.grad_accum).backward()
             loss_sum += loss.detach()
         if sharded:
-            expert_parallel.scale_sharded_grads(model, 1 / info.world)
+            expert_parallel.finish_sharded_grads(model, info.world)
             grad_norm = expert_parallel.clip_grad_norm_(model, tcfg.grad_clip or math.inf)
         else:
             grad_norm = distributed.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
