@@ -12,9 +12,10 @@ from stacklm.errors import UserError
 from stacklm.model.transformer import build_model
 from stacklm.runs import load_run
 from stacklm.training.checkpoint import Checkpointer
+from stacklm.training.distributed import Dist
 from stacklm.training.expert_parallel import ExpertParallel, apply_expert_parallel
 from stacklm.training.metrics import read_metrics
-from stacklm.training.trainer import train
+from stacklm.training.trainer import restore_optimizer, train
 
 WORLD = 2
 CASES = {
@@ -121,7 +122,8 @@ def test_stacklm_train_with_expert_parallelism(data_parallel, tiny, tmp_path, ca
     assert [r["loss"] for r in read_metrics(runs["ep"], "train")] == straight
 
     # One process cannot take up the two ranks' optimizer states
-    with pytest.raises(UserError, match="saved with expert parallelism (and FSDP )?over 2 ranks and this run "
+    beside = " and FSDP" if data_parallel == "fsdp" else ""
+    with pytest.raises(UserError, match=f"saved with expert parallelism{beside} over 2 ranks and this run "
                                         "has no sharding"):
         train(tiny(*common, f"train.out_dir={runs['ep']}", "train.steps=9"), resume=True, log=lambda m: None)
 
@@ -151,16 +153,16 @@ def test_expert_groups_smaller_than_the_world(tiny, tmp_path, cache_dir, torchru
         assert [r["grad_norm"] for r in ep] == pytest.approx([r["grad_norm"] for r in dp], rel=1e-4), name
     assert min(r["grad_norm"] for r in dp) > 0.2  # clipping acted on every step
 
-    ep_model, dp_model = load_run(runs["ddp"]).model, load_run(runs["dp"]).model
-    for (name, p), q in zip(ep_model.named_parameters(), dp_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
-
-    straight = [r["loss"] for r in read_metrics(runs["ddp"], "train")]
-    ckpt = Checkpointer(runs["ddp"] / "checkpoints")
-    shutil.rmtree(ckpt.latest())
-    (runs["ddp"] / "checkpoints" / "latest").unlink()
-    torchrun_train(*common, *groups, f"train.out_dir={runs['ddp']}", "--resume", ranks=4)
-    assert [r["loss"] for r in read_metrics(runs["ddp"], "train")] == straight
+    dp_model = load_run(runs["dp"]).model
+    for name, wrapping in (("ddp", []), ("fsdp", ["train.data_parallel=fsdp"])):
+        for (key, p), q in zip(load_run(runs[name]).model.named_parameters(), dp_model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+        straight = [r["loss"] for r in read_metrics(runs[name], "train")]
+        ckpt = Checkpointer(runs[name] / "checkpoints")
+        shutil.rmtree(ckpt.latest())
+        (runs[name] / "checkpoints" / "latest").unlink()
+        torchrun_train(*common, *groups, *wrapping, f"train.out_dir={runs[name]}", "--resume", ranks=4)
+        assert [r["loss"] for r in read_metrics(runs[name], "train")] == straight, name
 
     with pytest.raises(UserError, match="saved with expert parallelism in groups of 2 over 4 ranks and this "
                                         "run has no sharding"):
@@ -170,3 +172,24 @@ def test_expert_groups_smaller_than_the_world(tiny, tmp_path, cache_dir, torchru
 def test_expert_parallel_size_needs_expert_parallel():
     with pytest.raises(UserError, match="train.expert_parallel_size is set but train.expert_parallel is false"):
         Config.load("configs/tiny.yaml", ["train.expert_parallel_size=2"])
+
+
+def test_expert_parallel_states_resume_only_as_saved(tmp_path):
+    """A checkpoint's per-rank optimizer states resume on the same ranks in expert groups of the
+    same size; one saved before the size was recorded counts as groups spanning its ranks."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    ranks = [optimizer.state_dict()] * 4
+    info = Dist(rank=1, world=4, local_rank=1)
+    older = {"layout": "expert_parallel", "optimizer": ranks}
+    restore_optimizer(optimizer, model, older, "expert_parallel", info, tmp_path, expert_size=4)
+    with pytest.raises(UserError, match="saved with expert parallelism over 4 ranks and this run has expert "
+                                        "parallelism in groups of 2 over 4 ranks"):
+        restore_optimizer(optimizer, model, older, "expert_parallel", info, tmp_path, expert_size=2)
+    grouped = {**older, "expert_parallel_size": 2}
+    restore_optimizer(optimizer, model, grouped, "expert_parallel", info, tmp_path, expert_size=2)
+    with pytest.raises(UserError, match="in groups of 2 over 4 ranks and this run has expert parallelism and "
+                                        "FSDP in groups of 2 over 4 ranks"):
+        restore_optimizer(optimizer, model, grouped, "expert_parallel_fsdp", info, tmp_path, expert_size=2)

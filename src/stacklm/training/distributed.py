@@ -66,15 +66,17 @@ def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device, kind:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        ignore = set(ignore)
         broadcast_weights(model, skip=ignore)  # each rank shards its own copy: make them rank 0's, as DDP does
         mesh = init_device_mesh(device.type, (info.world,))  # the run's device, not the default accelerator
-        ignored = {p for name, p in model.named_parameters() if name in set(ignore)}
+        ignored = {p for name, p in model.named_parameters() if name in ignore}
+        options = {"ignored_params": ignored} if ignored else {}  # an option since torch 2.7
         for stack in model.stacks().values():
             for block in stack:
-                fully_shard(block, mesh=mesh, ignored_params=ignored)
-        fully_shard(model, mesh=mesh, ignored_params=ignored)
+                fully_shard(block, mesh=mesh, **options)
+        fully_shard(model, mesh=mesh, **options)
         return model
-    if ignore:
+    if ignore:  # DDP broadcasts the rest from rank 0 as it wraps them
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -34,8 +34,9 @@ class ExpertParallel(nn.Module):
         self.world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.n_experts = experts.n_experts
         if self.n_experts % self.world:
-            raise UserError(f"model.ffn.n_experts ({self.n_experts}) must be a multiple of the "
-                            f"expert-parallel world size ({self.world})")
+            raise UserError(f"model.ffn.n_experts ({self.n_experts}) must be a multiple of the ranks that share "
+                            f"the experts ({self.world}: train.expert_parallel_size, by default the number "
+                            f"of processes)")
         self.n_local = self.n_experts // self.world
         self.first = rank * self.n_local
         self.local = experts.select(range(self.first, self.first + self.n_local))
@@ -96,8 +97,10 @@ def expert_groups(device_type: str, size: int) -> tuple[dist.ProcessGroup, dist.
     world = dist.get_world_size()
     if size < 1 or world % size:
         raise UserError(f"train.expert_parallel_size ({size}) must divide the number of processes ({world})")
+    if size == world:  # no mesh, no new communicator: the world is the group
+        return dist.group.WORLD, None
     mesh = init_device_mesh(device_type, (world // size, size), mesh_dim_names=("replica", "expert"))
-    return mesh.get_group("expert"), mesh.get_group("replica") if world > size else None
+    return mesh.get_group("expert"), mesh.get_group("replica")
 
 
 def sharded_modules(model: nn.Module) -> dict[str, ExpertParallel]:
@@ -137,9 +140,11 @@ def finish_sharded_grads(model: nn.Module, world: int) -> None:
     then divided by the world size, as DDP averages."""
     for module in sharded_modules(model).values():
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if module.replicas is not None:
-            for grad in grads:
-                dist.all_reduce(grad, group=module.replicas)
+        if module.replicas is not None and grads:  # one all-reduce of them all, flattened
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat, group=module.replicas)
+            for grad, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                grad.copy_(summed.view_as(grad))
         for grad in grads:
             grad.div_(world)
 

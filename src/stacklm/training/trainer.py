@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import shutil
@@ -94,7 +95,8 @@ def shard_experts(model: torch.nn.Module, info: Dist, size: int | None, device: 
     if info.world == 1 or size == 1:
         return False
     group, replicas = expert_parallel.expert_groups(device.type, size)
-    distributed.broadcast_weights(model)  # each rank keeps its slice of the same experts: rank 0's
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):  # DDP or FSDP broadcasts the rest
+        distributed.broadcast_weights(moe.experts)  # each rank keeps its slice of the same experts: rank 0's
     expert_parallel.apply_expert_parallel(model, group, replicas)
     return True
 
@@ -127,10 +129,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
         if optim is not None and saved == "replicated":
             optim = distributed.rekey_optimizer_state(model, optimizer, optim, by_name=True)
         distributed.load_full_optimizer_state(model, optimizer, optim)
-    elif as_saved and layout == "expert_parallel":
-        optimizer.load_state_dict(state["optimizer"][info.rank])
-    elif as_saved and layout == "expert_parallel_fsdp":
-        distributed.load_local_optimizer_state(optimizer, state["optimizer"][info.rank])
+    elif as_saved:  # from the mapped file, this rank's own state copied out, the others' never read
+        mine = copy.deepcopy(state["optimizer"][info.rank])
+        if layout == "expert_parallel_fsdp":
+            distributed.load_local_optimizer_state(optimizer, mine)
+        else:
+            optimizer.load_state_dict(mine)
     else:
         def describe(layout: str, ranks: int | None, size: int | None) -> str:
             if not layout.startswith("expert_parallel"):
@@ -198,9 +202,10 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     tokens_per_step = tcfg.batch_size * seq_len * tcfg.grad_accum * info.world
     step, skipped, trained_tokens = 0, 0, 0  # trained_tokens: of the steps taken, over all ranks (D)
     if latest is not None:
-        # Mapped from the file under FSDP, where rank 0 alone reads the optimizer state (copies
-        # of it are then sharded); read whole otherwise, as the optimizer keeps what it is given
-        state = load_state(latest, mmap=layout == "fsdp")
+        # Mapped from the file where a rank reads part of the optimizer state (FSDP: rank 0 reads
+        # it, and every rank keeps a copy of its shard; sharded experts: each rank copies its own
+        # entry); read whole otherwise, as the optimizer keeps what it is given
+        state = load_state(latest, mmap=layout != "replicated")
         restore_optimizer(optimizer, model, state, layout, info, latest, expert_size)
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
