@@ -109,6 +109,13 @@ def t5_spans(length: int, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
+def infill_cases(store, n: int, rng: np.random.Generator) -> dict[str, list]:
+    """n held-out windows of WINDOW tokens, each with a mask per layout: {layout: [(window, mask)]}."""
+    picked = [torch.from_numpy(w[:WINDOW]) for w in windows(store, n, rng)]
+    return {layout: [(w, masks(WINDOW, rng)) for w in picked]
+            for layout, masks in (("one span", one_span), ("T5 spans", t5_spans))}
+
+
 def infill(run, objective, cases) -> tuple[float, float]:
     """Exact match and token accuracy of the first corrupted span of each (window, mask) case."""
     tok, kind = run.tokenizer, run.config.train.objective.kind
@@ -155,9 +162,7 @@ def main() -> None:
                             log=lambda m: None)
         if cases is None:
             held_out = windows(data.val, 256, rng)
-            picked = [torch.from_numpy(w[:WINDOW]) for w in windows(data.val, args.spans or (100 if args.quick else 400), rng)]
-            cases = {layout: [(w, masks(WINDOW, rng)) for w in picked]
-                     for layout, masks in (("one span", one_span), ("T5 spans", t5_spans))}
+            cases = infill_cases(data.val, args.spans or (100 if args.quick else 400), rng)
         cpu, encoder_input = torch.device("cpu"), objective.encoder_input([])
         causal = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, encoder_input=encoder_input)["loss"]
         layout = Continuation(run.config.model, run.tokenizer.eos_id, encoder_input)

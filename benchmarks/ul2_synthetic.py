@@ -25,11 +25,10 @@ import random
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import stacklm
 from benchmarks.common import headline, load_average, machine, table
-from benchmarks.ul2 import WINDOW, infill, one_span, t5_spans, windows
+from benchmarks.ul2 import WINDOW, infill, infill_cases
 from stacklm.data import prepare_data
 from stacklm.registry import OBJECTIVE
 
@@ -78,12 +77,10 @@ def main() -> None:
         if cases is None:
             data = prepare_data(run.config.data, run.config.model.vocab_size, run.tokenizer, progress=False,
                                 log=lambda m: None)
-            picked = [torch.from_numpy(w[:WINDOW]) for w in windows(data.val, n_windows, rng)]
-            cases = {layout: [(w, masks(WINDOW, rng)) for w in picked]
-                     for layout, masks in (("T5 spans", t5_spans), ("one span", one_span))}
+            cases = infill_cases(data.val, n_windows, rng)
         filled = {layout: infill(run, objective, layout_cases) for layout, layout_cases in cases.items()}
         exact[kind] = {layout: v[0] for layout, v in filled.items()}
-        rows.append([kind, *(f"{v:.3f}" for layout in cases for v in filled[layout])])
+        rows.append([kind, *(f"{v:.3f}" for layout in ("T5 spans", "one span") for v in filled[layout])])
         print(rows[-1], flush=True)
     print(table(rows, ["model", "T5 spans: exact", "token acc", "one span: exact", "token acc"]))
     print(f"{steps} steps each; {n_windows} held-out windows of {WINDOW} tokens; load average {load_average()}")
