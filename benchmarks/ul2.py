@@ -28,7 +28,7 @@ Reported, all on held-out windows of 256 tokens:
   - one span: a single span of 1-3 tokens, 64-192 tokens in. No denoiser trains on one short span
     in a long input, and models trained on R's several spans do worse on it: on a synthetic corpus
     where each word names the next (`benchmarks/ul2_synthetic.py`), a span-corruption model filled
-    48.5% of the first spans in windows corrupted at R's density and 24% of single spans. Kept for
+    52% of the first spans in windows corrupted at R's density and 27.5% of single spans. Kept for
     comparison with the earlier runs.
 
 Headlines, for each UL2 model: causal loss / the causal model's (target <= 1.03) and T5-span
