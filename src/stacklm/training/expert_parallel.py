@@ -168,11 +168,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.get_total_norm(grads)  # under FSDP, of DTensor shards: whole below
         return (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
 
-    experts = squared([p.grad for p in params if id(p) in sharded])
-    dist.all_reduce(experts, group=group)
+    shares = [p for p in params if id(p) in sharded]
     replicated = [p for p in params if id(p) not in sharded]
+    experts = squared([p.grad for p in shares])
+    dist.all_reduce(experts, group=group)
     total = (squared([p.grad for p in replicated]) + experts).sqrt()
     if math.isfinite(max_norm):  # in two calls: FSDP's DTensor gradients and the experts' plain ones
         torch.nn.utils.clip_grads_with_norm_(replicated, max_norm, total)
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if id(p) in sharded], max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_(shares, max_norm, total)
     return total

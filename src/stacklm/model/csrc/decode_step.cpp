@@ -46,6 +46,11 @@ enum FFNKind : int64_t { kSwiGLU = 0, kSparseFFN = 1 };
 constexpr int64_t kQKVWeights[] = {4, 7};
 constexpr int64_t kFFNWeights[] = {4, 7};
 
+// Block b's weights in all: its two norms' and its kinds' (kinds checked to be 0 or 1 first)
+int64_t block_weights(at::IntArrayRef kinds, int64_t b) {
+  return 2 + kQKVWeights[kinds[2 * b]] + kFFNWeights[kinds[2 * b + 1]];
+}
+
 struct Dims {
   int64_t d, n_heads, n_kv_heads, head_dim, max_len, block_size;
   double eps, q_mult, ffn_multiplier;
@@ -256,13 +261,13 @@ at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::Tensor
                 "decode_blocks: every cache must be contiguous, of the same shape and in x's dtype");
     TORCH_CHECK(kinds[2 * b] != kMultiplicativeConv || frames[b].scalar_type() == x.scalar_type(),
                 "decode_blocks: frames must be in x's dtype");
-    expected += 2 + kQKVWeights[kinds[2 * b]] + kFFNWeights[kinds[2 * b + 1]];
+    expected += block_weights(kinds, b);
   }
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected, "decode_blocks: expected ", expected, " weights, got ",
               weights.size());
   for (const at::Tensor& t : weights)
     TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.is_contiguous(), "decode_blocks: every weight must be contiguous, in x's dtype");
-  for (int64_t b = 0, at = 0; b < n_blocks; at += 2 + kQKVWeights[kinds[2 * b]] + kFFNWeights[kinds[2 * b + 1]], ++b)
+  for (int64_t b = 0, at = 0; b < n_blocks; at += block_weights(kinds, b), ++b)
     TORCH_CHECK(block_fits(kinds[2 * b], kinds[2 * b + 1], weights.data() + at, frames[b], dims), "decode_blocks: block ",
                 b, "'s weights or frames do not have the shapes of its kinds");
   at::Tensor hidden = x.clone();
@@ -281,7 +286,7 @@ at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::Tensor
       rms_norm(xp, ffn_w[0].data_ptr<scalar_t>(), d, eps, normed.data());
       step.ffn(ffn_kind, ffn_w + 1, normed.data(), out.data());
       add_into(xp, out.data(), d);
-      w = ffn_w + 1 + kFFNWeights[ffn_kind];
+      w += block_weights(kinds, b);
     }
   });
   return hidden;
