@@ -84,13 +84,13 @@ def test_two_ranks_match_one_process_holding_all_experts(case, tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "store"), CASES[case]), nprocs=WORLD, join=True)
 
 
-@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
-def test_stacklm_train_with_expert_parallelism(data_parallel, tiny, tmp_path, cache_dir, torchrun_train):
+@pytest.mark.parametrize("data_parallel, compiled", [("ddp", False), ("fsdp", True)], ids=["ddp", "fsdp-compiled"])
+def test_stacklm_train_with_expert_parallelism(data_parallel, compiled, tiny, tmp_path, cache_dir, torchrun_train):
     """`stacklm train ... train.expert_parallel=true` under torchrun, the rest of the model under
-    DDP or FSDP, takes the same steps as plain DDP (gradient clipping on the global norm included,
-    and muP's per-group learning rates, which the sharded experts take by their unsharded names),
-    writes the unsharded model, and resumes exactly from a checkpoint holding every rank's
-    optimizer state."""
+    DDP or FSDP (compiled, `train.compile=true`, in the FSDP case), takes the same steps as plain
+    DDP (gradient clipping on the global norm included, and muP's per-group learning rates, which
+    the sharded experts take by their unsharded names), writes the unsharded model, and resumes
+    exactly from a checkpoint holding every rank's optimizer state."""
     moe = ["model.ffn=moe", "model.ffn.n_experts=4", "model.ffn.capacity_factor=1.0",
            "model.parametrization=mup", "model.base_width=32"]
     common = [*moe, "train.steps=6", "train.log_every=1", "train.dtype=float32", "train.threads=1",
@@ -99,7 +99,7 @@ def test_stacklm_train_with_expert_parallelism(data_parallel, tiny, tmp_path, ca
               "eval.sample_tokens=0"]
     runs = {name: tmp_path / name for name in ("dp", "ep")}
     torchrun_train(*common, f"train.out_dir={runs['dp']}")
-    sharded = ["train.expert_parallel=true", f"train.data_parallel={data_parallel}"]
+    sharded = ["train.expert_parallel=true", f"train.data_parallel={data_parallel}", f"train.compile={compiled}"]
     torchrun_train(*common, *sharded, f"train.out_dir={runs['ep']}")
     dp, ep = (read_metrics(runs[name], "train") for name in ("dp", "ep"))
     assert [r["loss"] for r in ep] == pytest.approx([r["loss"] for r in dp], rel=1e-4)
