@@ -11,7 +11,7 @@ from stacklm.config import Config
 from stacklm.errors import UserError
 from stacklm.model.transformer import build_model
 from stacklm.runs import load_run
-from stacklm.training.checkpoint import Checkpointer
+from stacklm.training.checkpoint import Checkpointer, load_state
 from stacklm.training.distributed import Dist
 from stacklm.training.expert_parallel import ExpertParallel, apply_expert_parallel
 from stacklm.training.metrics import read_metrics
@@ -113,9 +113,15 @@ def test_stacklm_train_with_expert_parallelism(data_parallel, compiled, tiny, tm
     for (name, p), q in zip(ep_model.named_parameters(), dp_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
-    # Resume from step 3 on 2 ranks: the same losses as the straight run
-    straight = [r["loss"] for r in ep]
+    # Each distinct optimizer state is saved once: rank 1's entry holds its experts' states and,
+    # beside DDP, none of the replicated parameters' (rank 0's entry has them), beside FSDP its shards
     ckpt = Checkpointer(runs["ep"] / "checkpoints")
+    first, second = (set(entry["state"]) for entry in load_state(ckpt.latest())["optimizer"])
+    assert second and (second == first if data_parallel == "fsdp" else second < first)
+
+    # Resume from step 3 on 2 ranks: the same losses as the straight run (rank 1 reading the
+    # replicated states from rank 0's entry)
+    straight = [r["loss"] for r in ep]
     shutil.rmtree(ckpt.latest())
     (runs["ep"] / "checkpoints" / "latest").unlink()
     torchrun_train(*common, *sharded, f"train.out_dir={runs['ep']}", "--resume")
@@ -157,8 +163,12 @@ def test_expert_groups_smaller_than_the_world(tiny, tmp_path, cache_dir, torchru
     for name, wrapping in (("ddp", []), ("fsdp", ["train.data_parallel=fsdp"])):
         for (key, p), q in zip(load_run(runs[name]).model.named_parameters(), dp_model.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
-        straight = [r["loss"] for r in read_metrics(runs[name], "train")]
+        # The second group's ranks leave their experts' states to their replicas in the first
         ckpt = Checkpointer(runs[name] / "checkpoints")
+        entries = [set(entry["state"]) for entry in load_state(ckpt.latest())["optimizer"]]
+        assert entries[2] == entries[3] and entries[2] < entries[1], name
+        assert bool(entries[2]) == (name == "fsdp"), name  # beside DDP, nothing of their own
+        straight = [r["loss"] for r in read_metrics(runs[name], "train")]
         shutil.rmtree(ckpt.latest())
         (runs[name] / "checkpoints" / "latest").unlink()
         torchrun_train(*common, *groups, *wrapping, f"train.out_dir={runs[name]}", "--resume", ranks=4)

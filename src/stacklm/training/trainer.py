@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import shutil
@@ -103,8 +102,9 @@ def shard_experts(model: torch.nn.Module, info: Dist, size: int | None, device: 
 
 def optimizer_layout(sharded_experts: bool, fully_sharded: bool) -> str:
     """How a checkpoint holds the optimizer state: one replica's `state_dict()` ("replicated": one
-    process or DDP), the unsharded state by name ("fsdp"), or every rank's own, with sharded experts
-    ("expert_parallel" beside DDP, "expert_parallel_fsdp" beside FSDP: each rank's shards)."""
+    process or DDP), the unsharded state by name ("fsdp"), or one entry per rank, with sharded
+    experts ("expert_parallel" beside DDP, "expert_parallel_fsdp" beside FSDP: each rank's shards),
+    each distinct state in one of them (`expert_parallel.optimizer_state_sources`)."""
     if sharded_experts:
         return "expert_parallel_fsdp" if fully_sharded else "expert_parallel"
     return "fsdp" if fully_sharded else "replicated"
@@ -130,8 +130,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
             optim = distributed.rekey_optimizer_state(model, optimizer, optim, by_name=True)
         distributed.load_full_optimizer_state(model, optimizer, optim)
     elif as_saved:  # from the mapped file, this rank's own state copied out, the others' never read
-        mine = copy.deepcopy(state["optimizer"][info.rank])
-        if layout == "expert_parallel_fsdp":
+        fsdp = layout == "expert_parallel_fsdp"
+        mine = expert_parallel.rank_optimizer_state(model, optimizer, state["optimizer"], info.rank, fsdp)
+        if fsdp:
             distributed.load_local_optimizer_state(optimizer, mine)
         else:
             optimizer.load_state_dict(mine)
@@ -203,8 +204,9 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
     step, skipped, trained_tokens = 0, 0, 0  # trained_tokens: of the steps taken, over all ranks (D)
     if latest is not None:
         # Mapped from the file where a rank reads part of the optimizer state (FSDP: rank 0 reads
-        # it, and every rank keeps a copy of its shard; sharded experts: each rank copies its own
-        # entry); read whole otherwise, as the optimizer keeps what it is given
+        # it, and every rank keeps a copy of its shard; sharded experts: each rank copies its
+        # parameters' states out of the entries holding them); read whole otherwise, as the
+        # optimizer keeps what it is given
         state = load_state(latest, mmap=layout != "replicated")
         restore_optimizer(optimizer, model, state, layout, info, latest, expert_size)
         loader.load_state_dict(state["loader"])
@@ -233,14 +235,17 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
 
     def save(at: int) -> Path | None:
         # Sharded runs gather on the main rank, which writes the unsharded model: FSDP with the
-        # unsharded optimizer state; sharded experts with every rank's optimizer state
+        # unsharded optimizer state; sharded experts with each rank's part of the optimizer state
+        # (each distinct state once: expert_parallel.optimizer_state_sources)
         if layout == "fsdp":
             weights, optim_state = distributed.full_state(model, optimizer)
         elif sharded:  # through host memory: rank 0's device need not hold every rank's state
             gathered = distributed.full_model_state(model) if layout == "expert_parallel_fsdp" else None
             weights = expert_parallel.full_state_dict(model, gathered)
             optim_state = [None] * info.world if info.main else None
-            torch.distributed.gather_object(distributed.local_state(optimizer.state_dict()), optim_state)
+            mine = expert_parallel.saved_optimizer_state(model, optimizer, info.rank,
+                                                         fsdp=layout == "expert_parallel_fsdp")
+            torch.distributed.gather_object(mine, optim_state)
         else:
             weights, optim_state = model, optimizer.state_dict()
         if not info.main:
