@@ -84,13 +84,14 @@ def test_two_ranks_match_one_process_holding_all_experts(case, tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "store"), CASES[case]), nprocs=WORLD, join=True)
 
 
-@pytest.mark.parametrize("data_parallel, compiled", [("ddp", False), ("fsdp", True)], ids=["ddp", "fsdp-compiled"])
+@pytest.mark.parametrize("data_parallel, compiled", [("ddp", False), ("fsdp", False), ("fsdp", True)],
+                         ids=["ddp", "fsdp", "fsdp-compiled"])
 def test_stacklm_train_with_expert_parallelism(data_parallel, compiled, tiny, tmp_path, cache_dir, torchrun_train):
     """`stacklm train ... train.expert_parallel=true` under torchrun, the rest of the model under
     DDP or FSDP (compiled, `train.compile=true`, in the FSDP case), takes the same steps as plain
     DDP (gradient clipping on the global norm included, and muP's per-group learning rates, which
     the sharded experts take by their unsharded names), writes the unsharded model, and resumes
-    exactly from a checkpoint holding every rank's optimizer state."""
+    exactly from a checkpoint holding each distinct optimizer state once."""
     moe = ["model.ffn=moe", "model.ffn.n_experts=4", "model.ffn.capacity_factor=1.0",
            "model.parametrization=mup", "model.base_width=32"]
     common = [*moe, "train.steps=6", "train.log_every=1", "train.dtype=float32", "train.threads=1",
@@ -186,7 +187,8 @@ def test_expert_parallel_size_needs_expert_parallel():
 
 def test_expert_parallel_states_resume_only_as_saved(tmp_path):
     """A checkpoint's per-rank optimizer states resume on the same ranks in expert groups of the
-    same size; one saved before the size was recorded counts as groups spanning its ranks."""
+    same size; one saved before the size was recorded counts as groups spanning its ranks; a rank
+    takes the replicated parameters' states from rank 0's entry."""
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 4)).sum().backward()
@@ -200,6 +202,13 @@ def test_expert_parallel_states_resume_only_as_saved(tmp_path):
         restore_optimizer(optimizer, model, older, "expert_parallel", info, tmp_path, expert_size=2)
     grouped = {**older, "expert_parallel_size": 2}
     restore_optimizer(optimizer, model, grouped, "expert_parallel", info, tmp_path, expert_size=2)
+    # Saved once (rank 0's entry holding the replicated states) or whole in every entry (older
+    # checkpoints), rank 1 resumes with the same state
+    whole = optimizer.state_dict()
+    once = {**older, "optimizer": [whole] + [{**whole, "state": {}}] * 3}
+    optimizer.state.clear()
+    restore_optimizer(optimizer, model, once, "expert_parallel", info, tmp_path, expert_size=4)
+    torch.testing.assert_close(optimizer.state_dict(), whole)
     with pytest.raises(UserError, match="in groups of 2 over 4 ranks and this run has expert parallelism and "
                                         "FSDP in groups of 2 over 4 ranks"):
         restore_optimizer(optimizer, model, grouped, "expert_parallel_fsdp", info, tmp_path, expert_size=2)

@@ -129,7 +129,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
         if optim is not None and saved == "replicated":
             optim = distributed.rekey_optimizer_state(model, optimizer, optim, by_name=True)
         distributed.load_full_optimizer_state(model, optimizer, optim)
-    elif as_saved:  # from the mapped file, this rank's own state copied out, the others' never read
+    elif as_saved:  # from the mapped file, only this rank's parameters' states copied out
         fsdp = layout == "expert_parallel_fsdp"
         mine = expert_parallel.rank_optimizer_state(model, optimizer, state["optimizer"], info.rank, fsdp)
         if fsdp:
