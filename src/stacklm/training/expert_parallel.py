@@ -135,37 +135,38 @@ def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = No
     return state
 
 
-def optimizer_state_sources(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, fsdp: bool) -> list[int]:
+def optimizer_state_sources(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> list[int]:
     """For each parameter of `optimizer` (in its state dict's numbering), the rank whose saved
     entry holds its optimizer state: a checkpoint keeps each distinct state once. An expert's
     state is the same on its replicas, so the first expert group saves it; a replicated
-    parameter's (beside DDP) is the same on every rank, so rank 0 saves it; under FSDP each rank
-    saves its own shards."""
+    parameter's (beside DDP) is the same on every rank, so rank 0 saves it; each rank saves the
+    states of its own FSDP shards (DTensor parameters)."""
+    from torch.distributed.tensor import DTensor
+
     sources = {}
     for module in sharded_modules(model).values():
         first = rank if module.replicas is None else dist.get_global_rank(module.replicas, 0)
         sources.update({id(p): first for p in module.parameters()})
-    replicated = rank if fsdp else 0
-    return [sources.get(id(p), replicated) for group in optimizer.param_groups for p in group["params"]]
+    return [sources.get(id(p), rank if isinstance(p, DTensor) else 0)
+            for group in optimizer.param_groups for p in group["params"]]
 
 
-def saved_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, fsdp: bool) -> dict:
+def saved_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
     """The part of this rank's optimizer state that its checkpoint entry keeps
     (`optimizer_state_sources`), in host memory, FSDP's shards as local tensors."""
     from stacklm.training.distributed import local_state
 
     state = optimizer.state_dict()
-    sources = optimizer_state_sources(model, optimizer, rank, fsdp)
+    sources = optimizer_state_sources(model, optimizer, rank)
     state["state"] = {i: entry for i, entry in state["state"].items() if sources[i] == rank}
     return local_state(state)
 
 
-def rank_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: list[dict], rank: int,
-                         fsdp: bool) -> dict:
+def rank_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: list[dict], rank: int) -> dict:
     """This rank's optimizer state, copied out of the checkpoint's per-rank entries
     (`saved_optimizer_state`; a memory-mapped file is read only where this rank's state lies).
     Entries saved whole, before states were kept once, read the same way."""
-    sources = optimizer_state_sources(model, optimizer, rank, fsdp)
+    sources = optimizer_state_sources(model, optimizer, rank)
     state = {"state": {}, "param_groups": copy.deepcopy(saved[rank]["param_groups"])}
     for i, source in enumerate(sources):
         if (entry := saved[source]["state"].get(i)) is not None:

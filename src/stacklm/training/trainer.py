@@ -130,9 +130,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
             optim = distributed.rekey_optimizer_state(model, optimizer, optim, by_name=True)
         distributed.load_full_optimizer_state(model, optimizer, optim)
     elif as_saved:  # from the mapped file, only this rank's parameters' states copied out
-        fsdp = layout == "expert_parallel_fsdp"
-        mine = expert_parallel.rank_optimizer_state(model, optimizer, state["optimizer"], info.rank, fsdp)
-        if fsdp:
+        mine = expert_parallel.rank_optimizer_state(model, optimizer, state["optimizer"], info.rank)
+        if layout == "expert_parallel_fsdp":
             distributed.load_local_optimizer_state(optimizer, mine)
         else:
             optimizer.load_state_dict(mine)
@@ -243,8 +242,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
             gathered = distributed.full_model_state(model) if layout == "expert_parallel_fsdp" else None
             weights = expert_parallel.full_state_dict(model, gathered)
             optim_state = [None] * info.world if info.main else None
-            mine = expert_parallel.saved_optimizer_state(model, optimizer, info.rank,
-                                                         fsdp=layout == "expert_parallel_fsdp")
+            mine = expert_parallel.saved_optimizer_state(model, optimizer, info.rank)
             torch.distributed.gather_object(mine, optim_state)
         else:
             weights, optim_state = model, optimizer.state_dict()
