@@ -129,6 +129,27 @@ def test_a_nan_logit_is_chosen_as_torch_argmax_chooses_it(kernels):
         torch.testing.assert_close(ffn(x), reference(ffn, x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_tied_logits_choose_the_first_unit_as_torch_argmax_does(block_size, kernels):
+    """Each block's top logit twice: within one group of sixteen units and, at 32, in two groups
+    (the kernel compares sixteen at a time). The chosen unit must be the first of the pair."""
+    ffn = sparse_ffn(f"model.ffn.block_size={block_size}").eval()
+    pairs = [(2, 9), (0, 15), (5, block_size - 1), (block_size - 2, block_size - 1)]
+    with torch.no_grad():
+        ffn.controller_up.weight.zero_()
+        ffn.controller_up.bias.copy_(torch.rand(D_FF) - 1.0)  # below the ties
+        for block in range(D_FF // block_size):
+            for unit in pairs[block % len(pairs)]:
+                ffn.controller_up.bias[block * block_size + unit] = 2.0
+        # the units are told apart by their rows: a different choice changes the output
+        torch.nn.init.normal_(ffn.in_proj)
+        x = torch.randn(1, 1, D)
+        first = F.one_hot(torch.tensor([p[0] for p in pairs]).repeat(D_FF // block_size // len(pairs)),
+                          block_size).flatten().to(x.dtype)
+        h = F.relu(x @ ffn.in_proj.T) * first
+        torch.testing.assert_close(ffn(x), (h @ ffn.out_proj) * block_size, atol=1e-5, rtol=1e-4)
+
+
 def test_large_batches_compute_every_unit():
     """Past the gather threshold the masked dense matmul is used (and reads W1 whole)."""
     ffn = sparse_ffn().eval()

@@ -20,29 +20,39 @@
 
 namespace stacklm {
 
-// x's dot products with four rows at once, out[j] = x . rows[j]: four independent streams of
+// x's dot products with eight rows at once, out[j] = x . rows[j]: eight independent streams of
 // loads keep more of the gathered rows in flight than one row at a time. At the 800M shape in
-// float32 the layer became 1.4-1.5x faster; software prefetches of the rows ahead, as matvec.h
-// makes, gained nothing before and cost 1.4x after (they fill the buffers the loads need).
+// float32, four rows at once made the layer 1.4-1.5x faster than one, and eight took another 2 us
+// off its 40 (bfloat16: 3 of 35); software prefetches of the rows ahead, as matvec.h makes,
+// gained nothing and cost 1.4x once the rows were read four at a time (they fill the buffers the
+// loads need).
 template <typename A, typename B>
-inline void gathered_dots4(const A* __restrict__ x, const B* const* rows, int64_t n, float* __restrict__ out) {
+inline void gathered_dots8(const A* __restrict__ x, const B* const* rows, int64_t n, float* __restrict__ out) {
   const B* __restrict__ r0 = rows[0];
   const B* __restrict__ r1 = rows[1];
   const B* __restrict__ r2 = rows[2];
   const B* __restrict__ r3 = rows[3];
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  const B* __restrict__ r4 = rows[4];
+  const B* __restrict__ r5 = rows[5];
+  const B* __restrict__ r6 = rows[6];
+  const B* __restrict__ r7 = rows[7];
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
   for (int64_t i = 0; i < n; ++i) {
     const float v = static_cast<float>(x[i]);
     s0 += v * static_cast<float>(r0[i]);
     s1 += v * static_cast<float>(r1[i]);
     s2 += v * static_cast<float>(r2[i]);
     s3 += v * static_cast<float>(r3[i]);
+    s4 += v * static_cast<float>(r4[i]);
+    s5 += v * static_cast<float>(r5[i]);
+    s6 += v * static_cast<float>(r6[i]);
+    s7 += v * static_cast<float>(r7[i]);
   }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3, out[4] = s4, out[5] = s5, out[6] = s6, out[7] = s7;
 }
 
-// acc += sum_j scale[j] rows[j], four rows at once for the same reason
+// acc += sum_j scale[j] rows[j], four rows at once for the same reason (eight gained nothing here)
 template <typename T>
 inline void gathered_add4(float* __restrict__ acc, const float* scale, const T* const* rows, int64_t n) {
   const T* __restrict__ r0 = rows[0];
@@ -76,6 +86,26 @@ struct SparseFFN {
   // The chosen unit of block b: argmax as torch.argmax's, the first maximum, NaN above all.
   int64_t choose(int64_t b, const float* z, float* logits) const {
     block_logits(b, z, logits);
+#ifdef __AVX512F__
+    // Sixteen logits at a time where no NaN is among them: with weights in cache, the scalar loop
+    // below, with its NaN tests, was a quarter of the controller's time.
+    if (block_size % 16 == 0) {
+      __m512 top = _mm512_loadu_ps(logits);
+      __mmask16 nan = _mm512_cmp_ps_mask(top, top, _CMP_UNORD_Q);
+      for (int64_t j = 16; j < block_size; j += 16) {
+        const __m512 v = _mm512_loadu_ps(logits + j);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        top = _mm512_max_ps(top, v);
+      }
+      if (nan == 0) {
+        const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        for (int64_t j = 0;; j += 16) {
+          const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(logits + j), best, _CMP_EQ_OQ);
+          if (hit != 0) return b * block_size + j + __builtin_ctz(hit);
+        }
+      }
+    }
+#endif
     int64_t best = 0;
     for (int64_t j = 1; j < block_size; ++j) {
       const float v = logits[j], top = logits[best];
@@ -88,19 +118,28 @@ struct SparseFFN {
   void run(int64_t begin, int64_t end, float* acc) const {
     // z = C1 x: R small dot products, done by every thread rather than shared through a barrier
     std::vector<float> z(rank);
-    for (int64_t r = 0; r < rank; ++r) z[r] = rounded<T>(dot_product(x, c1 + r * d_model, d_model));
-    const int64_t n = end - begin;
+    dot_products(x, c1, d_model, d_model, rank, z.data());
+    for (int64_t r = 0; r < rank; ++r) z[r] = rounded<T>(z[r]);
+    const int64_t n = end - begin, block_rows = block_size * rank;  // C2's values for one block
     std::vector<int64_t> units(n);
     std::vector<float> h(n);
     std::vector<float> logits(block_size);
-    for (int64_t k = 0; k < n; ++k) units[k] = choose(begin + k, z.data(), logits.data());
-    // W1's chosen rows, four at a time (a short last group repeats the last row, its dot product unused)
-    for (int64_t k = 0; k < n; k += 4) {
-      const T* rows[4];
-      float dots[4];
-      for (int j = 0; j < 4; ++j) rows[j] = w1 + units[std::min(k + j, n - 1)] * d_model;
-      gathered_dots4(x, rows, d_model, dots);
-      for (int64_t j = 0; j < std::min<int64_t>(4, n - k); ++j) {
+    // The next block's rows of C2 are requested while this block's are used: the hardware
+    // prefetcher stops at a page, and at the 800M shape (N 64, R 16, float32) a block's rows are
+    // one page. The controller became 1.3x faster; asking for the chosen rows of W1 here too made
+    // it 2x slower.
+    if (n > 0) prefetch_row(c2 + begin * block_rows, block_rows);
+    for (int64_t k = 0; k < n; ++k) {
+      if (k + 1 < n) prefetch_row(c2 + (begin + k + 1) * block_rows, block_rows);
+      units[k] = choose(begin + k, z.data(), logits.data());
+    }
+    // W1's chosen rows, eight at a time (a short last group repeats the last row, its dot product unused)
+    for (int64_t k = 0; k < n; k += 8) {
+      const T* rows[8];
+      float dots[8];
+      for (int j = 0; j < 8; ++j) rows[j] = w1 + units[std::min(k + j, n - 1)] * d_model;
+      gathered_dots8(x, rows, d_model, dots);
+      for (int64_t j = 0; j < std::min<int64_t>(8, n - k); ++j) {
         const float dot = dots[j] + (b1 != nullptr ? static_cast<float>(b1[units[k + j]]) : 0.0f);
         h[k + j] = rounded<T>(dot);
       }
