@@ -25,6 +25,8 @@ SUPPORTED = {
     "no positions": ("model.position.kind=none",),
     "mup": ("model.parametrization=mup", "model.base_width=32"),
     "tied embeddings, 3 layers": ("model.tie_embeddings=true", "model.n_layers=3"),
+    # attention's value sums in registers take 64 columns at a time, then 16, then one by one
+    "heads of 88": ("model.d_model=176", "model.n_heads=2"),
 }
 
 
