@@ -84,11 +84,11 @@ def test_two_ranks_match_one_process_holding_all_experts(case, tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "store"), CASES[case]), nprocs=WORLD, join=True)
 
 
-@pytest.mark.parametrize("data_parallel, compiled", [("ddp", False), ("fsdp", False), ("fsdp", True)],
-                         ids=["ddp", "fsdp", "fsdp-compiled"])
+@pytest.mark.parametrize("data_parallel, compiled", [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)],
+                         ids=["ddp", "ddp-compiled", "fsdp", "fsdp-compiled"])
 def test_stacklm_train_with_expert_parallelism(data_parallel, compiled, tiny, tmp_path, cache_dir, torchrun_train):
     """`stacklm train ... train.expert_parallel=true` under torchrun, the rest of the model under
-    DDP or FSDP (FSDP eager and compiled, `train.compile=true`), takes the same steps as plain
+    DDP or FSDP (each eager and compiled, `train.compile=true`), takes the same steps as plain
     DDP (gradient clipping on the global norm included, and muP's per-group learning rates, which
     the sharded experts take by their unsharded names), writes the unsharded model, and resumes
     exactly from a checkpoint holding each distinct optimizer state once."""
