@@ -106,13 +106,45 @@ inline void dot_products16(const float* __restrict__ a, const B* __restrict__ ro
 }
 #endif
 
-// out[r] = a . rows[r], r < n_rows: sixteen at a time where AVX-512 and the length allow, then
-// eight, then one by one
+#ifdef __AVX512BF16__
+// The same for a and rows both in bfloat16, n a multiple of 16: vdpbf16ps multiplies 32 pairs of
+// bfloat16 exactly and adds them into 16 float32 sums, where widening each value to float32 first
+// takes three instructions for 16 products.
+inline void dot_products16(const c10::BFloat16* __restrict__ a, const c10::BFloat16* __restrict__ rows,
+                           int64_t stride, int64_t n, float* __restrict__ out) {
+  __m512 acc[16];
+  for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 32) {
+    const __mmask32 part = n - i >= 32 ? 0xFFFFFFFFu : 0xFFFFu;  // a last 16 fill half the register
+    const __m512bh v = (__m512bh)_mm512_maskz_loadu_epi16(part, a + i);
+    for (int u = 0; u < 16; ++u)
+      acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_maskz_loadu_epi16(part, rows + u * stride + i), v);
+  }
+  _mm512_storeu_ps(out, lane_sums16(acc));
+}
+constexpr bool kBFloat16Pairs = true;
+#else
+constexpr bool kBFloat16Pairs = false;
+#endif
+
+// The dtype a kernel keeps its own operands in for dot_products against weights of dtype T:
+// bfloat16 for bfloat16 weights where the CPU multiplies bfloat16 pairs, float32 otherwise.
+template <typename T>
+using Operand = std::conditional_t<kBFloat16Pairs && std::is_same_v<T, c10::BFloat16>, T, float>;
+
+// out[r] = a . rows[r], r < n_rows: sixteen at a time where AVX-512 and the length allow (a in
+// float32, or a and rows in bfloat16 where the CPU multiplies bfloat16 pairs), then eight, then
+// one by one
 template <typename A, typename B>
 inline void dot_products(const A* a, const B* rows, int64_t stride, int64_t n, int64_t n_rows, float* out) {
   int64_t r = 0;
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<A, float>)
+    if (n % 16 == 0)
+      for (; r + 16 <= n_rows; r += 16) dot_products16(a, rows + r * stride, stride, n, out + r);
+#endif
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<A, c10::BFloat16> && std::is_same_v<B, c10::BFloat16>)
     if (n % 16 == 0)
       for (; r + 16 <= n_rows; r += 16) dot_products16(a, rows + r * stride, stride, n, out + r);
 #endif

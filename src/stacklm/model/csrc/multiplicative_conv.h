@@ -9,7 +9,9 @@
 // units so that each weight is read once.
 //
 // Rounding follows the unfused path: x * D, the layer's output and each convolution's output are
-// rounded to the model's dtype, as its ops return them; sums are accumulated in float32.
+// rounded to the model's dtype, as its ops return them; sums are accumulated in float32. A
+// bfloat16 layer keeps x * D and the windows in bfloat16 where the CPU multiplies bfloat16 pairs
+// (common.h, Operand).
 
 #pragma once
 
@@ -35,11 +37,11 @@ struct MultiplicativeConv {
 
   // y[s M + m] = sum_i x_i D[s, i] E[m, i] (+ bias), for the units m in [begin, end) of every module
   void shared(int64_t begin, int64_t end, T* y) const {
-    // x D[s], rounded as x * D rounds it and kept in float32 for the dot products; every thread
-    // makes its own copy
-    std::vector<float> scaled(S * d), xf(x, x + d);
+    // x D[s], rounded as x * D rounds it; every thread makes its own copy
+    std::vector<Operand<T>> scaled(S * d);
+    std::vector<float> xf(x, x + d);
     for (int64_t s = 0; s < S; ++s)
-      for (int64_t i = 0; i < d; ++i) scaled[s * d + i] = rounded<T>(xf[i] * static_cast<float>(mult[s * d + i]));
+      for (int64_t i = 0; i < d; ++i) scaled[s * d + i] = static_cast<T>(xf[i] * static_cast<float>(mult[s * d + i]));
     float out[16];
     // sixteen rows of E at a time against every module, so that each row is read from memory once
     for (int64_t m = begin; m < end; m += 16) {
@@ -57,9 +59,9 @@ struct MultiplicativeConv {
 
   // The windows of a convolution of width k over modules (zero-padded) and Lk over positions, one
   // per module s, laid out as the kernel (M, Lk, k): window[s][(m Lk + l) k + j] = grid[l, s + j - (k - 1) / 2, m]
-  std::vector<float> windows(const T* y, int64_t k) const {
+  std::vector<Operand<T>> windows(const T* y, int64_t k) const {
     const int64_t size = M * Lk * k, step = Lk * k;
-    std::vector<float> out(S * size, 0.0f);  // modules off the edge stay zero
+    std::vector<Operand<T>> out(S * size, 0.0f);  // modules off the edge stay zero
     for (int64_t s = 0; s < S; ++s)
       for (int64_t l = 0; l < Lk; ++l)
         for (int64_t j = 0; j < k; ++j) {
@@ -67,14 +69,14 @@ struct MultiplicativeConv {
           if (module < 0 || module >= S) continue;
           // one module's M units, read in order, written every Lk k places
           const T* __restrict__ from = (l < Lk - 1 ? frames + l * S * M : y) + module * M;
-          float* __restrict__ to = out.data() + s * size + l * k + j;
-          for (int64_t m = 0; m < M; ++m) to[m * step] = static_cast<float>(from[m]);
+          Operand<T>* __restrict__ to = out.data() + s * size + l * k + j;
+          for (int64_t m = 0; m < M; ++m) to[m * step] = from[m];
         }
     return out;
   }
 
   // out[s, o] = b[o] + w[o] . window[s] for the kernel rows o in [begin, end), each read once
-  void conv(const std::vector<float>& window, const T* w, const T* b, int64_t k, int64_t n_out, int64_t begin,
+  void conv(const std::vector<Operand<T>>& window, const T* w, const T* b, int64_t k, int64_t n_out, int64_t begin,
             int64_t end, T* out) const {
     const int64_t size = M * Lk * k;
     float acc[16];
@@ -95,7 +97,7 @@ struct MultiplicativeConv {
       shared(m0, m1, y);
     });
     for_each_share([&](int64_t t, int64_t shares) {
-      const std::vector<float> qk_windows = windows(y, 3), v_windows = windows(y, 1);
+      const std::vector<Operand<T>> qk_windows = windows(y, 3), v_windows = windows(y, 1);
       const auto [q0, q1] = share_of(2 * M, t, shares);
       conv(qk_windows, qk_w, qk_b, 3, 2 * M, q0, q1, qk);
       const auto [v0, v1] = share_of(M, t, shares);
