@@ -6,7 +6,10 @@ Four models on configs/default.yaml (same width, seed, batches of windows and st
 - causal:       decoder-only, L layers, `train.objective.kind=causal`;
 - ul2:          decoder-only, L layers, the paper's mixture in the prefix-LM layout;
 - encdec-ul2:   encoder-decoder, L encoder + L decoder layers, the same mixture;
-- encdec-span:  encoder-decoder, L + L layers, T5's span corruption (R(3, 0.15)).
+- encdec-span:  encoder-decoder, L + L layers, T5's span corruption (R(3, 0.15));
+- ul2-causal:   decoder-only, L layers, half the examples plain causal LM (the C denoiser), half
+                the paper's mixture at half its weights (a causal + span-corruption mixture, as
+                CodeGen2 trains on).
 
 An encoder-decoder with L + L layers has twice the parameters of the L-layer decoder and about its
 FLOPs per token, each token going through one of the two stacks (T5, Raffel et al. 2020, section
@@ -50,7 +53,7 @@ from benchmarks.common import QUICK_MODEL, headline, load_average, machine, tabl
 from stacklm.data import prepare_data
 from stacklm.evaluate import Continuation, evaluate
 from stacklm.inference import generate
-from stacklm.objectives.ul2 import random_spans_noise_mask, span_corrupt
+from stacklm.objectives.ul2 import UL2_MIXTURE, random_spans_noise_mask, span_corrupt
 from stacklm.registry import OBJECTIVE
 
 WINDOW = 256
@@ -58,9 +61,12 @@ HALF = WINDOW // 2
 
 
 def variants() -> dict[str, list[str]]:
+    half = ", ".join(f"{{mode: {d.mode}, mean_span: {d.mean_span}, corruption: {d.corruption}, weight: {d.weight / 2}}}"
+                     for d in UL2_MIXTURE)
     return {"causal": ["train.objective.kind=causal"], "ul2": ["train.objective.kind=ul2"],
             "encdec-ul2": ["model.arch=encoder_decoder", "train.objective.kind=ul2"],
-            "encdec-span": ["model.arch=encoder_decoder", "train.objective.kind=span_corruption"]}
+            "encdec-span": ["model.arch=encoder_decoder", "train.objective.kind=span_corruption"],
+            "ul2-causal": ["train.objective.kind=ul2", f"train.objective.denoisers=[{{mode: C, weight: 0.5}}, {half}]"]}
 
 
 def windows(store, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -176,8 +182,9 @@ def main() -> None:
     print(table(rows, ["model", "train GFLOPs/window", "vs causal", "causal loss", "continuation loss",
                        "one span: exact", "token acc", "T5 spans: exact", "token acc"]))
     print(f"{len(cases['T5 spans'])} windows, the first span scored; load average {load_average()}")
-    for name, where in (("ul2", "decoder-only"), ("encdec-ul2", "encoder-decoder")):
-        prefix = "" if name == "ul2" else "encdec_"
+    for name, where in (("ul2", "decoder-only"), ("encdec-ul2", "encoder-decoder"),
+                        ("ul2-causal", "decoder-only, half causal examples")):
+        prefix = {"ul2": "", "encdec-ul2": "encdec_", "ul2-causal": "half_causal_"}[name]
         headline(f"{prefix}causal_loss_ratio", scores[name][0] / scores["causal"][0], 1.03,
                  f"UL2 ({where}) / causal-LM held-out next-token loss, same steps")
         headline(f"{prefix}infill_gain", scores[name][1] - scores["causal"][1], 0.0,

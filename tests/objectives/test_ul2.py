@@ -113,20 +113,27 @@ def objective(tokenizer, kind, *overrides):
     return OBJECTIVE.build(config.train.objective, tokenizer, config.model)
 
 
-@pytest.mark.parametrize("denoiser", UL2_MIXTURE, ids=lambda d: f"{d.mode}{d.mean_span:g}-{d.corruption:g}")
+# the paper's denoisers and a causal example
+DENOISERS = (*UL2_MIXTURE, Denoiser("C"))
+MODE = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]", "C": "[S2S]"}
+
+
+@pytest.mark.parametrize("denoiser", DENOISERS, ids=lambda d: f"{d.mode}{d.mean_span:g}-{d.corruption:g}")
 def test_prefix_lm_layout_restores_the_window(tokenizer, denoiser):
     ul2 = objective(tokenizer, "ul2")
     rng = np.random.default_rng(3)
     window = rng.integers(300, 512, 257)
     tokens, prefix, loss = ul2.example(window, denoiser, rng)
-    assert tokens[0] == tokenizer.token_id({"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}[denoiser.mode])
+    assert tokens[0] == tokenizer.token_id(MODE[denoiser.mode])
     end = int(np.flatnonzero(loss)[-1]) + 1
     assert loss[prefix:end].all() and not loss[:prefix].any() and (tokens[end:] == tokenizer.pad_id).all()
     inputs, targets = tokens[1:prefix], tokens[prefix:end]
-    restored = np.concatenate((inputs, targets)) if denoiser.mode == "S" else \
+    restored = np.concatenate((inputs, targets)) if denoiser.mode in ("S", "C") else \
         fill_sentinels(inputs, targets, tokenizer.sentinel_ids)
     assert len(restored) > 0.6 * len(window)  # sentinels take some room, not most
     np.testing.assert_array_equal(restored, window[: len(restored)])
+    if denoiser.mode == "C":  # a causal example: every token after the mode token is a target
+        assert prefix == 1 and len(targets) == len(window) - 1 and loss[1:].all()
 
 
 def test_batch_targets_cover_the_targets_only_and_repeat_for_the_same_batch(tokenizer):
@@ -157,17 +164,17 @@ def test_denoising_needs_full_attention():
         Config.load("configs/tiny.yaml", ["train.objective.kind=ul2", "model.attention.kind=local"])
 
 
-@pytest.mark.parametrize("denoiser", UL2_MIXTURE, ids=lambda d: f"{d.mode}{d.mean_span:g}-{d.corruption:g}")
+@pytest.mark.parametrize("denoiser", DENOISERS, ids=lambda d: f"{d.mode}{d.mean_span:g}-{d.corruption:g}")
 def test_encoder_decoder_layout_restores_the_window(tokenizer, denoiser):
     ul2 = objective(tokenizer, "ul2", "model.arch=encoder_decoder")
     rng = np.random.default_rng(4)
     window = rng.integers(300, 512, 257)
     encoder, decoder = ul2.encoder_decoder_example(window, denoiser, rng)
-    assert encoder[0] == tokenizer.token_id({"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}[denoiser.mode])
+    assert encoder[0] == tokenizer.token_id(MODE[denoiser.mode])
     assert decoder[0] == tokenizer.eos_id  # the decoder starts a document
     assert len(encoder) <= 256 and len(decoder) <= 257  # within the model's input length
     inputs, targets = encoder[1:], decoder[1:]
-    restored = np.concatenate((inputs, targets)) if denoiser.mode == "S" else \
+    restored = np.concatenate((inputs, targets)) if denoiser.mode in ("S", "C") else \
         fill_sentinels(inputs, targets, tokenizer.sentinel_ids)
     assert len(restored) > 0.9 * len(window)  # each side has a window's room: little is cut
     np.testing.assert_array_equal(restored, window[: len(restored)])
@@ -200,13 +207,14 @@ def test_mixture_entries_are_overridable(tokenizer):
     assert patched.mixture[1:6] == UL2_MIXTURE[1:6]
     ul2r = objective(tokenizer, "ul2", "train.objective.mixture=ul2r", "train.objective.denoisers.2.corruption=0.3")
     assert ul2r.mixture == (*UL2R_MIXTURE[:2], Denoiser("X", 32, 0.3, 0.25))
-    own = objective(tokenizer, "ul2", "train.objective.denoisers=[{mode: S}, {mode: X, mean_span: 16, corruption: 0.5}]")
-    assert own.mixture == (Denoiser("S"), Denoiser("X", 16, 0.5))
+    own = objective(tokenizer, "ul2", "train.objective.denoisers=[{mode: S}, {mode: X, mean_span: 16, corruption: 0.5}, "
+                    "{mode: C, weight: 2}]")
+    assert own.mixture == (Denoiser("S"), Denoiser("X", 16, 0.5), Denoiser("C", weight=2.0))
 
 
 @pytest.mark.parametrize(("override", "message"), [
     ("train.objective.denoisers.7.weight=1", "has 7 entries; give an index 0-6"),
-    ("train.objective.denoisers.1.mode=Q", "'Q' is not valid; valid: R, X, S"),
+    ("train.objective.denoisers.1.mode=Q", "'Q' is not valid; valid: R, X, S, C"),
     ("train.objective.denoisers.1.corruption=1.5", "corruption must be < 1.0"),
     ("train.objective.denoisers=[]", "must be a non-empty list"),
 ])

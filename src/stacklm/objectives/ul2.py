@@ -4,7 +4,10 @@ span-corruption data transforms it is made of.
 A denoiser corrupts spans of a token sequence and asks the model to restore them:
 - R (regular): T5's span corruption, short spans, 15% of the tokens;
 - X (extreme): long spans or a high corruption rate;
-- S (sequential): prefix-LM, one span running from a random split point to the end.
+- S (sequential): prefix-LM, one span running from a random split point to the end;
+- C (causal, not one of the paper's): plain next-token prediction, the whole window as the
+  target, for mixtures that keep a share of causal-LM examples (as CodeGen2, Nijkamp et al.
+  2023, trains on a mixture of causal-LM and span-corruption examples).
 Inputs keep the uncorrupted tokens with each corrupted span replaced by one sentinel
 (<extra_id_0>, <extra_id_1>, ...); targets list each sentinel followed by the span it stands for.
 `fill_sentinels` undoes `span_corrupt`, so the pair loses nothing.
@@ -81,26 +84,30 @@ def fill_sentinels(inputs: np.ndarray, targets: np.ndarray, sentinels: list[int]
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
-    """One UL2 denoiser: `mode` R, X or S (its paradigm token [NLU], [NLG] or [S2S]), and for R and
-    X the mean span length and the corrupted share of the tokens."""
+    """One UL2 denoiser: `mode` R, X, S or C (its paradigm token [NLU], [NLG], [S2S] or, for C,
+    [S2S] too: a prefix LM with an empty prefix), and for R and X the mean span length and the
+    corrupted share of the tokens."""
 
-    mode: str = option("R", choices=("R", "X", "S"), help="R: regular span corruption; X: extreme "
-                       "(long spans or much corruption); S: sequential (prefix LM)")
+    mode: str = option("R", choices=("R", "X", "S", "C"), help="R: regular span corruption; X: extreme "
+                       "(long spans or much corruption); S: sequential (prefix LM); C: causal LM, the "
+                       "whole window as the target")
     mean_span: float = option(3.0, ge=1.0, help="R, X: mean corrupted span length")
     corruption: float = option(0.15, gt=0.0, lt=1.0, help="R, X: share of the tokens corrupted")
     weight: float = option(1.0, gt=0.0, help="relative frequency in the mixture")
 
     @property
     def name(self) -> str:
-        return "S" if self.mode == "S" else f"{self.mode}({self.mean_span:g}, {self.corruption:g})"
+        return self.mode if self.mode in ("S", "C") else f"{self.mode}({self.mean_span:g}, {self.corruption:g})"
 
     def mask(self, length: int, rng: np.random.Generator) -> np.ndarray:
         if self.mode == "S":
             return prefix_noise_mask(length, rng)
+        if self.mode == "C":
+            return np.ones(length, dtype=bool)
         return random_spans_noise_mask(length, self.corruption, self.mean_span, rng)
 
 
-MODE_TOKEN = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
+MODE_TOKEN = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]", "C": "[S2S]"}
 
 # The UL2 paper's mixture (section 3.1.2 and table 6): two R, four X and one S denoiser. S takes 20%
 # and the six others share the rest equally, the reading of UL2 reimplementations.
@@ -205,15 +212,17 @@ class Denoising(Objective):
     def corrupt(self, window: np.ndarray, denoiser: Denoiser, rng: np.random.Generator,
                 fits) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and targets from the longest start of `window` whose counts (raw length, noise
-        tokens, spans) `fits`: S splits it in a prefix and its continuation (no sentinels), R and
-        X replace spans by sentinels (`span_corrupt`)."""
+        tokens, spans) `fits`: S splits it in a prefix and its continuation (no sentinels), C makes
+        all of it the target, R and X replace spans by sentinels (`span_corrupt`)."""
         raw = len(window)
         if denoiser.mode != "S":
-            while raw > 2 and not fits(raw, *noise_counts(raw, denoiser.corruption, denoiser.mean_span)):
+            def counts(r: int) -> tuple[int, int]:  # noise tokens and sentinels
+                return (r, 0) if denoiser.mode == "C" else noise_counts(r, denoiser.corruption, denoiser.mean_span)
+            while raw > 2 and not fits(raw, *counts(raw)):
                 raw -= 1
         tokens = window[:raw]
         mask = denoiser.mask(raw, rng)
-        if denoiser.mode == "S":
+        if denoiser.mode in ("S", "C"):
             return tokens[~mask], tokens[mask]
         return span_corrupt(tokens, mask, self.sentinels)
 
