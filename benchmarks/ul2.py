@@ -1,7 +1,7 @@
 """UL2 against plain causal-LM training at the same compute, decoder-only and encoder-decoder
 (issue 6).
 
-Four models on configs/default.yaml (same width, seed, batches of windows and steps):
+Five models on configs/default.yaml (same width, seed, batches of windows and steps):
 
 - causal:       decoder-only, L layers, `train.objective.kind=causal`;
 - ul2:          decoder-only, L layers, the paper's mixture in the prefix-LM layout;

@@ -21,9 +21,10 @@ def sparse_ffn(*overrides) -> SparseFFN:
 
 def reference(ffn: SparseFFN, x: torch.Tensor) -> torch.Tensor:
     """The layer's equations in eval mode, every unit computed and masked to the argmax."""
-    mask = F.one_hot(ffn.controller(x).argmax(-1), N).flatten(-2).to(x.dtype)
+    n = ffn.block_size
+    mask = F.one_hot(ffn.controller(x).argmax(-1), n).flatten(-2).to(x.dtype)
     h = F.relu(x @ ffn.in_proj.T + (ffn.in_bias if ffn.in_bias is not None else 0)) * mask
-    return (h @ ffn.out_proj) * N + (ffn.out_bias if ffn.out_bias is not None else 0)
+    return (h @ ffn.out_proj) * n + (ffn.out_bias if ffn.out_bias is not None else 0)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -100,7 +101,7 @@ def test_fused_kernel_equals_the_pytorch_path(dtype, block_size, rank, d_ff, thr
     """The fused one-token kernel against the gather path: same units chosen, same output up to the
     order of float32 sums. Ranks that are multiples of 16 take its vectorised controller (in
     groups of 16 units, the rest of a block one by one), others its plain loop. 15 blocks on 1 or
-    3 threads leave shares whose gathers end in a group of fewer than four rows."""
+    3 threads leave shares whose gathers end in a group of fewer than eight rows."""
     require_cpu_kernels()
     ffn = sparse_ffn(f"model.ffn.block_size={block_size}", f"model.ffn.d_lowrank={rank}",
                      f"model.d_ff={d_ff}").eval()
@@ -121,10 +122,12 @@ def test_fused_kernel_equals_the_pytorch_path(dtype, block_size, rank, d_ff, thr
     torch.testing.assert_close(fused, plain, atol=tol * plain.abs().max().item(), rtol=0)
 
 
-def test_a_nan_logit_is_chosen_as_torch_argmax_chooses_it(kernels):
-    ffn = sparse_ffn().eval()
+@pytest.mark.parametrize("block_size, unit", [(16, 5), (32, 21)])
+def test_a_nan_logit_is_chosen_as_torch_argmax_chooses_it(block_size, unit, kernels):
+    """A NaN logit in block 1, in its first group of sixteen units or its second."""
+    ffn = sparse_ffn(f"model.ffn.block_size={block_size}").eval()
     with torch.no_grad():
-        ffn.controller_up.bias[N + 5] = float("nan")  # unit 5 of block 1
+        ffn.controller_up.bias[block_size + unit] = float("nan")
         x = torch.randn(1, 1, D)
         torch.testing.assert_close(ffn(x), reference(ffn, x), atol=1e-5, rtol=1e-4)
 

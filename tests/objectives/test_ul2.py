@@ -221,3 +221,17 @@ def test_mixture_entries_are_overridable(tokenizer):
 def test_bad_mixture_entries_are_refused(override, message):
     with pytest.raises(UserError, match=message):
         Config.load("configs/tiny.yaml", ["train.objective.kind=ul2", override])
+
+
+def test_causal_examples_without_mode_tokens(tokenizer):
+    """Decoder-only, a C example without its mode token is plain causal LM: no prefix, every
+    next token labelled. An encoder-decoder's C example would have an empty encoder input:
+    refused at config time."""
+    plain = objective(tokenizer, "ul2", "train.objective.denoisers=[{mode: C}]", "train.objective.mode_tokens=false")
+    batch = torch.randint(300, 512, (4, 65))
+    out = plain.batch(batch)
+    assert (out["prefix"] == 0).all()
+    assert torch.equal(out["idx"], batch[:, :-1]) and torch.equal(out["targets"], batch[:, 1:])
+    with pytest.raises(UserError, match="mode_tokens=false an encoder-decoder would read nothing"):
+        Config.load("configs/tiny.yaml", ["train.objective.kind=ul2", "model.arch=encoder_decoder",
+                                          "train.objective.mode_tokens=false", "train.objective.denoisers=[{mode: C}]"])

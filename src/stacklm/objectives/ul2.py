@@ -160,6 +160,11 @@ class UL2Config(ComponentConfig):
 
     def check(self, cfg) -> None:
         needs_full_attention(self.kind, cfg)
+        if cfg.arch == "encoder_decoder" and not self.mode_tokens and any(d.mode == "C" for d in self.denoisers or ()):
+            # a batch of C examples alone would leave the encoder unused (and DDP waiting on its gradients)
+            raise UserError("train.objective.denoisers: a C (causal) example's encoder input is its mode token "
+                            "alone; with mode_tokens=false an encoder-decoder would read nothing. Set "
+                            "train.objective.mode_tokens=true, or leave C out")
 
 
 def needs_full_attention(kind: str, cfg) -> None:

@@ -142,7 +142,7 @@ inline float exponentials(float* scores, int64_t n) {
   return total;
 }
 
-// softmax(q k^T / sqrt(hd)) v for one query over the first n_keys cached positions; the heads are
+// softmax(q k^T / sqrt(hd)) v for one query over the first n_keys >= 1 cached positions; the heads are
 // shared among the threads, each query head reading its group's key/value head. At the 800M
 // shape (16 heads of 64) the scores sixteen keys at a time, the vector exponentials and the
 // values' sums in registers took a layer from 18 to 9 us at 108 cached positions, 100 to 75 at
