@@ -17,6 +17,7 @@
 
 #include "common.h"
 
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -58,50 +59,68 @@ struct MultiplicativeConv {
   }
 
   // The windows of a convolution of width k over modules (zero-padded) and Lk over positions, one
-  // per module s, laid out as the kernel (M, Lk, k): window[s][(m Lk + l) k + j] = grid[l, s + j - (k - 1) / 2, m]
-  std::vector<Operand<T>> windows(const T* y, int64_t k) const {
+  // per module s, laid out as the kernel (M, Lk, k): window[s][(m Lk + l) k + j] = grid[l, s + j - (k - 1) / 2, m].
+  // This fills the entries of the units [m0, m1), which read only those units of y.
+  void fill_windows(const T* y, int64_t k, int64_t m0, int64_t m1, Operand<T>* window) const {
     const int64_t size = M * Lk * k, step = Lk * k;
-    std::vector<Operand<T>> out(S * size, 0.0f);  // modules off the edge stay zero
     for (int64_t s = 0; s < S; ++s)
       for (int64_t l = 0; l < Lk; ++l)
         for (int64_t j = 0; j < k; ++j) {
           const int64_t module = s + j - (k - 1) / 2;
-          if (module < 0 || module >= S) continue;
-          // one module's M units, read in order, written every Lk k places
+          // one module's units, read in order, written every Lk k places
+          Operand<T>* __restrict__ to = window + s * size + l * k + j;
+          if (module < 0 || module >= S) {
+            for (int64_t m = m0; m < m1; ++m) to[m * step] = Operand<T>(0.0f);
+            continue;
+          }
           const T* __restrict__ from = (l < Lk - 1 ? frames + l * S * M : y) + module * M;
-          Operand<T>* __restrict__ to = out.data() + s * size + l * k + j;
-          for (int64_t m = 0; m < M; ++m) to[m * step] = from[m];
+          for (int64_t m = m0; m < m1; ++m) to[m * step] = from[m];
         }
-    return out;
   }
 
   // out[s, o] = b[o] + w[o] . window[s] for the kernel rows o in [begin, end), each read once
-  void conv(const std::vector<Operand<T>>& window, const T* w, const T* b, int64_t k, int64_t n_out, int64_t begin,
+  void conv(const Operand<T>* window, const T* w, const T* b, int64_t k, int64_t n_out, int64_t begin,
             int64_t end, T* out) const {
     const int64_t size = M * Lk * k;
     float acc[16];
     for (int64_t o = begin; o < end; o += 16) {
       const int64_t rows = std::min<int64_t>(16, end - o);
       for (int64_t s = 0; s < S; ++s) {
-        dot_products(window.data() + s * size, w + o * size, size, size, rows, acc);
+        dot_products(window + s * size, w + o * size, size, size, rows, acc);
         for (int64_t j = 0; j < rows; ++j) out[s * n_out + o + j] = static_cast<T>(acc[j] + static_cast<float>(b[o + j]));
       }
     }
   }
   // The whole step: y (S M), qk (S, 2 M) and v (S, M). Each thread takes a share of the output
-  // units (rows of E, then of the kernels), so that every weight is read once; the convolutions
-  // read every module's y: a second loop.
+  // units (rows of E, then of the kernels), so that every weight is read once. The convolutions
+  // read every module's y: a second loop. Float32 windows are filled in the first loop, each
+  // thread the entries of its own units: at the 800M shape the step became 1.03x faster than with
+  // each thread building them whole in the second, where they took 5 us of the kernel's 41 a
+  // layer. Bfloat16 windows, half the bytes, are still built whole by each thread: read half from
+  // the other core's cache, they made the bfloat16 step 0.93-0.99x as fast.
   void run(T* y, T* qk, T* v) const {
+    constexpr bool fill_first = std::is_same_v<Operand<T>, float>;
+    const int64_t qk_size = S * M * Lk * 3, v_size = S * M * Lk;
+    std::unique_ptr<Operand<T>[]> filled(fill_first ? new Operand<T>[qk_size + v_size] : nullptr);
     for_each_share([&](int64_t t, int64_t shares) {
       const auto [m0, m1] = share_of(M, t, shares);
       shared(m0, m1, y);
+      if (fill_first) {
+        fill_windows(y, 3, m0, m1, filled.get());
+        fill_windows(y, 1, m0, m1, filled.get() + qk_size);
+      }
     });
     for_each_share([&](int64_t t, int64_t shares) {
-      const std::vector<Operand<T>> qk_windows = windows(y, 3), v_windows = windows(y, 1);
+      std::unique_ptr<Operand<T>[]> own(fill_first ? nullptr : new Operand<T>[qk_size + v_size]);
+      if (!fill_first) {
+        fill_windows(y, 3, 0, M, own.get());
+        fill_windows(y, 1, 0, M, own.get() + qk_size);
+      }
+      const Operand<T>* windows = fill_first ? filled.get() : own.get();  // every entry written
       const auto [q0, q1] = share_of(2 * M, t, shares);
-      conv(qk_windows, qk_w, qk_b, 3, 2 * M, q0, q1, qk);
+      conv(windows, qk_w, qk_b, 3, 2 * M, q0, q1, qk);
       const auto [v0, v1] = share_of(M, t, shares);
-      conv(v_windows, v_w, v_b, 1, M, v0, v1, v);
+      conv(windows + qk_size, v_w, v_b, 1, M, v0, v1, v);
     });
   }
 };
