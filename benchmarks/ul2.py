@@ -182,9 +182,8 @@ def main() -> None:
     print(table(rows, ["model", "train GFLOPs/window", "vs causal", "causal loss", "continuation loss",
                        "one span: exact", "token acc", "T5 spans: exact", "token acc"]))
     print(f"{len(cases['T5 spans'])} windows, the first span scored; load average {load_average()}")
-    for name, where in (("ul2", "decoder-only"), ("encdec-ul2", "encoder-decoder"),
-                        ("ul2-causal", "decoder-only, half causal examples")):
-        prefix = {"ul2": "", "encdec-ul2": "encdec_", "ul2-causal": "half_causal_"}[name]
+    for name, where, prefix in (("ul2", "decoder-only", ""), ("encdec-ul2", "encoder-decoder", "encdec_"),
+                                ("ul2-causal", "decoder-only, half causal examples", "half_causal_")):
         headline(f"{prefix}causal_loss_ratio", scores[name][0] / scores["causal"][0], 1.03,
                  f"UL2 ({where}) / causal-LM held-out next-token loss, same steps")
         headline(f"{prefix}infill_gain", scores[name][1] - scores["causal"][1], 0.0,

@@ -160,15 +160,15 @@ void attend(const T* q, const T* keys, const T* values, int64_t n_keys, const Di
       for (int64_t i = 0; i < hd; ++i) qf[i] = static_cast<float>(q[h * hd + i]);
       stacklm::dot_products(qf.data(), k, hd, hd, n_keys, scores.data());
       for (int64_t t = 0; t < n_keys; ++t) scores[t] *= scale;
-      const float total = exponentials(scores.data(), n_keys);
+      const float inverse = 1.0f / exponentials(scores.data(), n_keys);  // the softmax's normaliser
       int64_t done = 0;  // the columns summed in registers
 #ifdef __AVX512F__
-      for (; done + 64 <= hd; done += 64) weighted_sum<4>(scores.data(), v + done, hd, n_keys, 1.0f / total, acc.data() + done);
-      for (; done + 16 <= hd; done += 16) weighted_sum<1>(scores.data(), v + done, hd, n_keys, 1.0f / total, acc.data() + done);
+      for (; done + 64 <= hd; done += 64) weighted_sum<4>(scores.data(), v + done, hd, n_keys, inverse, acc.data() + done);
+      for (; done + 16 <= hd; done += 16) weighted_sum<1>(scores.data(), v + done, hd, n_keys, inverse, acc.data() + done);
 #endif
       if (done < hd) {
         std::fill(acc.begin() + done, acc.end(), 0.0f);
-        for (int64_t t = 0; t < n_keys; ++t) stacklm::add_scaled(acc.data() + done, scores[t] / total, v + t * hd + done, hd - done);
+        for (int64_t t = 0; t < n_keys; ++t) stacklm::add_scaled(acc.data() + done, scores[t] * inverse, v + t * hd + done, hd - done);
       }
       for (int64_t i = 0; i < hd; ++i) out[h * hd + i] = static_cast<T>(acc[i]);
     }

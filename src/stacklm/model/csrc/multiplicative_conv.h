@@ -101,22 +101,24 @@ struct MultiplicativeConv {
   void run(T* y, T* qk, T* v) const {
     constexpr bool fill_first = std::is_same_v<Operand<T>, float>;
     const int64_t qk_size = S * M * Lk * 3, v_size = S * M * Lk;
+    // both windows, q/k's then v's, for the units [m0, m1); every entry is written
+    auto fill = [&](Operand<T>* windows, int64_t m0, int64_t m1) {
+      fill_windows(y, 3, m0, m1, windows);
+      fill_windows(y, 1, m0, m1, windows + qk_size);
+    };
     std::unique_ptr<Operand<T>[]> filled(fill_first ? new Operand<T>[qk_size + v_size] : nullptr);
     for_each_share([&](int64_t t, int64_t shares) {
       const auto [m0, m1] = share_of(M, t, shares);
       shared(m0, m1, y);
-      if (fill_first) {
-        fill_windows(y, 3, m0, m1, filled.get());
-        fill_windows(y, 1, m0, m1, filled.get() + qk_size);
-      }
+      if constexpr (fill_first) fill(filled.get(), m0, m1);
     });
     for_each_share([&](int64_t t, int64_t shares) {
-      std::unique_ptr<Operand<T>[]> own(fill_first ? nullptr : new Operand<T>[qk_size + v_size]);
-      if (!fill_first) {
-        fill_windows(y, 3, 0, M, own.get());
-        fill_windows(y, 1, 0, M, own.get() + qk_size);
+      std::unique_ptr<Operand<T>[]> own;
+      if constexpr (!fill_first) {
+        own.reset(new Operand<T>[qk_size + v_size]);
+        fill(own.get(), 0, M);
       }
-      const Operand<T>* windows = fill_first ? filled.get() : own.get();  // every entry written
+      const Operand<T>* windows = fill_first ? filled.get() : own.get();
       const auto [q0, q1] = share_of(2 * M, t, shares);
       conv(windows, qk_w, qk_b, 3, 2 * M, q0, q1, qk);
       const auto [v0, v1] = share_of(M, t, shares);
