@@ -38,7 +38,7 @@ from benchmarks.common import (
 from benchmarks.sparse_decode import PAPER, VARIANTS, twin
 from stacklm.model import cpu_kernels
 from stacklm.model.attention import KVCache
-from stacklm.model.qkv_sparse import ConvState
+from stacklm.model.qkv_sparse import ConvState, MultiplicativeConvQKV
 from stacklm.model.transformer import DecodeState
 
 compiled_step = importlib.import_module("stacklm.inference.generate")  # the module, not the function
@@ -51,6 +51,10 @@ class ExportedStep(torch.nn.Module):
     def __init__(self, model, max_len: int):
         super().__init__()
         self.model, self.max_len = model, max_len
+        # the sparse q/k/v's weights repacked once, as a sequence's first step would, and exported
+        # as constants (a new ConvState each call would repack them every token)
+        self.packed = [b.attn.proj.packed_weights() if isinstance(b.attn.proj, MultiplicativeConvQKV) else None
+                       for b in model.blocks] if cpu_kernels.active() else [None] * len(model.blocks)
 
     def forward(self, ids, length, ks, vs, frames):
         n = length.item()
@@ -61,6 +65,8 @@ class ExportedStep(torch.nn.Module):
             cache = object.__new__(KVCache)  # around the given tensors, without allocating
             cache.k, cache.v, cache.length = k, v, n
             cache.qkv_state = ConvState(frames[i]) if frames else None
+            if frames:
+                cache.qkv_state.packed = self.packed[i]
             layers.append(cache)
         logits = self.model(ids, DecodeState(layers))
         return logits, [cache.qkv_state.frames for cache in layers] if frames else []

@@ -20,6 +20,8 @@ SUPPORTED = {
     "biases, grouped-query heads": ("model.n_kv_heads=2", "model.attention.bias=true", "model.ffn.bias=true"),
     "sparse, biases": (*SPARSE, "model.ffn.bias=true", "model.attention.bias=true"),
     "sparse, length kernel 1": (*SPARSE, "model.attention.length_kernel=1"),
+    # the q/k/v kernel's modules 16 at a time, then 8, of 9 units each
+    "sparse, 24 modules": (*SPARSE, "model.d_model=216", "model.n_heads=24", "model.position.kind=none"),
     "xpos": ("model.position.kind=xpos",),
     "learned positions": ("model.position.kind=learned",),
     "no positions": ("model.position.kind=none",),
@@ -61,7 +63,8 @@ def test_fused_step_gives_the_modules_logits_and_state(overrides):
             torch.testing.assert_close(fused.qkv_state.frames, module.qkv_state.frames, atol=1e-5, rtol=1e-5)
 
 
-BF16 = {"dense": (), "sparse": SPARSE, "xpos, biases, grouped-query heads": (
+BF16 = {"dense": (), "sparse": SPARSE, "sparse, 24 modules": SUPPORTED["sparse, 24 modules"],
+        "xpos, biases, grouped-query heads": (
     "model.position.kind=xpos", "model.n_kv_heads=2", "model.attention.bias=true", "model.ffn.bias=true")}
 
 
@@ -94,7 +97,9 @@ def test_fused_step_in_bfloat16_is_as_close_to_float32_as_the_modules(overrides)
 def test_generate_runs_each_token_in_one_call_and_keeps_the_tokens():
     require_cpu_kernels()
     model = perturbed(*SPARSE)
-    assert kernel_calls(model, fused=True) == {"stacklm::decode_blocks": 2, "stacklm::matvec": 2}
+    layers = len(model.blocks)  # the step repacks the sparse q/k/v's weights once, when it is built
+    assert kernel_calls(model, fused=True) == {"stacklm::decode_blocks": 2, "stacklm::matvec": 2,
+                                               "stacklm::multiplicative_conv_pack": layers}
     prompt = torch.randint(0, 512, (1, 5))
     assert generate(model, prompt, 30, temperature=0).equal(generate(model, prompt, 30, temperature=0, fused=False))
     with cpu_kernels.disabled():

@@ -25,7 +25,10 @@ def kernel_calls(model, compile: bool = False, batch: int = 1, fused: bool = Fal
 def test_one_token_steps_run_the_kernels_unless_disabled():
     require_cpu_kernels()
     model = build_model(Config.load("configs/tiny.yaml", SPARSE))
-    assert set(kernel_calls(model)) == {"stacklm::sparse_ffn_decode", "stacklm::multiplicative_conv_decode"}
+    layers = len(model.blocks)  # the sparse q/k/v's weights are repacked once per sequence, not once per step
+    assert kernel_calls(model) == {"stacklm::sparse_ffn_decode": 2 * layers,
+                                   "stacklm::multiplicative_conv_pack": layers,
+                                   "stacklm::multiplicative_conv_decode": 2 * layers}
     with cpu_kernels.disabled():
         assert set(kernel_calls(model)) == set()
     assert set(kernel_calls(model.to(torch.float64))) == set()  # their float32 sums are too coarse for it

@@ -77,11 +77,13 @@ def test_conv_decode_state_keeps_the_last_inputs(batch, dtype, overrides, kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("d", "h"), [(512, 8), (96, 4)])
+@pytest.mark.parametrize(("d", "h"), [(512, 8), (96, 4), (105, 5)])
 def test_conv_decode_state_with_wider_modules(d, h, dtype, kernels):
-    """64 and 24 units a module: the fused kernel's rows in blocks of 16, and ragged ones."""
+    """64, 24 and 21 units a module in 8, 4 and 5 modules: the fused kernel's panels of 16 output
+    units whole and ragged, its modules 8, 4 and 1 at a time, and an odd width (bfloat16 pairs
+    padded)."""
     config = Config.load("configs/tiny.yaml", [f"model.d_model={d}", f"model.n_heads={h}", "model.attention.bias=true",
-                                               "model.attention.qkv=multiplicative_conv"])
+                                               "model.attention.qkv=multiplicative_conv", "model.position.kind=none"])
     check_decode_state(build_model(config).blocks[0].attn.proj, 1, dtype, d)
 
 

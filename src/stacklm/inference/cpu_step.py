@@ -82,9 +82,8 @@ def qkv_weights(proj, empty: torch.Tensor) -> list[torch.Tensor]:
     if isinstance(proj, DenseQKV):
         qkv, out = proj.qkv_proj, proj.out_proj
         return [qkv.weight, _or(qkv.bias, empty), out.weight, _or(out.bias, empty)]
-    shared = proj.shared
-    return [shared.multiplier, shared.weight, _or(shared.bias, empty), proj.qk_conv, proj.qk_conv_bias,
-            proj.v_conv, proj.v_conv_bias]
+    mult, weight, qk, v = proj.packed_weights()
+    return [mult, weight, _or(proj.shared.bias, empty), qk, proj.qk_conv_bias, v, proj.v_conv_bias]
 
 
 def ffn_weights(ffn, empty: torch.Tensor) -> list[torch.Tensor]:
@@ -102,7 +101,9 @@ def _or(t: torch.Tensor | None, empty: torch.Tensor) -> torch.Tensor:
 
 
 class Step:
-    """The model's weights listed once for decode_step.cpp, and its step."""
+    """The model's weights listed once for decode_step.cpp, and its step. The sparse q/k/v's
+    weights are copies, repacked for the kernel: a step sees the weights as they were when it was
+    built (`generate` builds one per call)."""
 
     def __init__(self, model: Transformer):
         self.model = model

@@ -7,7 +7,8 @@ the same result: if the build fails (no compiler, no ninja) stacklm warns once a
 
 - `stacklm::sparse_ffn_decode`: one token through the sparse FFN (model/ffn_sparse.py).
 - `stacklm::multiplicative_conv_decode`: one token through the sparse q/k/v
-  (model/qkv_sparse.py, `multiplicative_conv`).
+  (model/qkv_sparse.py, `multiplicative_conv`), on its weights as `multiplicative_conv_pack`
+  repacks them (once per sequence).
 - `stacklm::matvec`: a one-row matmul at the memory's bandwidth, which the compiled decode step
   (inference/generate.py) uses for the one-row matmuls of float32 and bfloat16 models (the
   output projection the largest).
@@ -84,6 +85,7 @@ def load() -> bool:
                       "slower PyTorch ops instead", stacklevel=2)
         return False
     torch.library.register_fake("stacklm::sparse_ffn_decode")(_sparse_ffn_decode_shape)
+    torch.library.register_fake("stacklm::multiplicative_conv_pack")(_multiplicative_conv_pack_shape)
     torch.library.register_fake("stacklm::multiplicative_conv_decode")(_multiplicative_conv_decode_shape)
     torch.library.register_fake("stacklm::matvec")(_matvec_shape)
     loaded = True
@@ -129,8 +131,16 @@ def _sparse_ffn_decode_shape(x, c1, c2, c, w1, b1, w2, block_size):
     return x.new_empty(x.shape)
 
 
-def _multiplicative_conv_decode_shape(x, multiplier, weight, bias, frames, qk_weight, qk_bias, v_weight, v_bias):
-    s, m = multiplier.size(0), weight.size(0)
+def _multiplicative_conv_pack_shape(multiplier, weight, qk_weight, v_weight):
+    (s, d), m, lk = multiplier.shape, weight.size(0), qk_weight.size(2)
+    d2, m2, panels = d + d % 2, m + m % 2, lambda n: -(-n // 16)
+    return (multiplier.new_empty(d2, s), weight.new_empty(panels(m), d2, 16),
+            qk_weight.new_empty(panels(2 * m), lk * 3 * m2, 16), v_weight.new_empty(panels(m), lk * m2, 16))
+
+
+def _multiplicative_conv_decode_shape(x, multiplier_t, weight, bias, frames, qk_weight, qk_bias, v_weight, v_bias):
+    s = multiplier_t.size(1)
+    m = x.size(-1) // s
     return x.new_empty(s * m), x.new_empty(s, 2 * m), x.new_empty(s, m)
 
 

@@ -93,10 +93,13 @@ class MultiplicativeQKV(nn.Module):
 
 class ConvState:
     """The convolutions' look-back while decoding: the shared layer's last length_kernel - 1
-    outputs, (B, length_kernel - 1, D); zeros before the first token, as in training."""
+    outputs, (B, length_kernel - 1, D); zeros before the first token, as in training. A sequence
+    decoded by the fused CPU kernel also keeps the weights as it repacks them, made at its first
+    one-token step: the weights are read as they are then."""
 
     def __init__(self, frames: torch.Tensor):
         self.frames = frames
+        self.packed: tuple[torch.Tensor, ...] | None = None
 
 
 @QKV.register("multiplicative_conv")
@@ -150,14 +153,23 @@ class MultiplicativeConvQKV(nn.Module):
 
     def decode_fused(self, x: torch.Tensor, state: ConvState):
         """One token, one sequence: the same computation as one fused CPU kernel
-        (csrc/multiplicative_conv.cpp)."""
+        (csrc/multiplicative_conv.cpp), on the weights repacked at the sequence's first step."""
         d = x.size(-1)
+        if state.packed is None:
+            state.packed = self.packed_weights()
+        mult_t, weight, qk_conv, v_conv = state.packed
         y, qk, v = torch.ops.stacklm.multiplicative_conv_decode(
-            x.reshape(-1), self.shared.multiplier, self.shared.weight, self.shared.bias,
-            state.frames.reshape(-1, d), self.qk_conv, self.qk_conv_bias, self.v_conv, self.v_conv_bias)
+            x.reshape(-1), mult_t, weight, self.shared.bias, state.frames.reshape(-1, d), qk_conv,
+            self.qk_conv_bias, v_conv, self.v_conv_bias)
         state.frames = torch.cat([state.frames, y.view(1, 1, d)], dim=1)[:, 1:]
         q, k = qk.view(1, 1, self.sparsity, 2, self.d_module).unbind(3)
         return q.reshape(1, 1, d), k.reshape(1, 1, d), v.view(1, 1, d)
+
+    def packed_weights(self) -> tuple[torch.Tensor, ...]:
+        """D, E and the convolutions' kernels as the fused CPU kernel takes them, repacked (a copy:
+        csrc/multiplicative_conv.h, `pack`)."""
+        return torch.ops.stacklm.multiplicative_conv_pack(
+            self.shared.multiplier.detach(), self.shared.weight.detach(), self.qk_conv.detach(), self.v_conv.detach())
 
     def out(self, y: torch.Tensor) -> torch.Tensor:
         return y  # the paper's sparse QKV has no output projection

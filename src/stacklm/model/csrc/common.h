@@ -72,6 +72,30 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
+// Sixteen floats rounded to bfloat16 as c10::BFloat16 rounds one (to nearest, ties to even; NaN to
+// 0x7FC0), as the bfloat16's bits in the low half of each lane: the scalar conversion, one value
+// at a time, took half of the q/k/v kernel's time in a bfloat16 model.
+inline __m512i bfloat16_bits16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  const __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  return _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// Sixteen floats stored as T, rounded as static_cast<T> rounds them, into U (the float32 or
+// bfloat16 a kernel keeps them in)
+template <typename T, typename U>
+inline void store16_rounded(U* to, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_storeu_ps(to, v);
+  } else if constexpr (std::is_same_v<U, float>) {
+    _mm512_storeu_ps(to, _mm512_castsi512_ps(_mm512_slli_epi32(bfloat16_bits16(v), 16)));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_cvtepi32_epi16(bfloat16_bits16(v)));
+  }
+}
+
 // Lane u of the result is the sum of a[u]'s 16 lanes. The 16 vectors are transposed and added
 // together in four rounds of shuffles: summing each one's lanes on its own (the compiler's
 // reduction, through memory) cost more than the products when the dot products are short.

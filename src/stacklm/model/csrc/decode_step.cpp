@@ -38,8 +38,9 @@ enum FFNKind : int64_t { kSwiGLU = 0, kSparseFFN = 1 };
 // How many weights each kind takes, in this order (inference/cpu_step.py lists them; an empty
 // tensor stands for a missing bias):
 // - dense q/k/v: the fused q/k/v weight (H hd + 2 Hkv hd, d), its bias, the output weight (d, H hd), its bias;
-// - multiplicative_conv: D (S, d), E (M, d), the shared layer's bias (S M), the q/k kernel
-//   (2 M, M, Lk, 3), its bias (2 M), the v kernel (M, M, Lk, 1), its bias (M);
+// - multiplicative_conv, as multiplicative_conv_pack returns them (multiplicative_conv.h, pack):
+//   D^T, E's panels, the shared layer's bias (S M), the q/k kernel's panels, their bias (2 M),
+//   the v kernel's panels, their bias (M);
 // - swiglu: gate and up (2 F, d), their bias, the output weight (d, F), its bias;
 // - sparse FFN: the controller's C1 (R, d), C2 (d_ff, R) and its bias (d_ff), W1 (d_ff, d), its
 //   bias, W2 (d_ff, d), the output bias (d).
@@ -191,8 +192,8 @@ struct Step {
     T* v = k + kv_size;
     if (kind == kDenseQKV) {
       matvec_into(h, w[0].data_ptr<T>(), data_or_null<T>(w[1]), q_size + 2 * kv_size, d, qkv.data());
-    } else {  // multiplicative, bias, qk kernel, its bias, v kernel, its bias: w[0] ... w[6]
-      const int64_t S = w[0].size(0), M = w[1].size(0), Lk = w[3].size(2);
+    } else {  // packed D^T and E, bias, qk kernel, its bias, v kernel, its bias: w[0] ... w[6]
+      const auto [S, M, Lk] = stacklm::packed_dims(d, w[0], w[1], w[3], w[5]);
       T* past = frames.data_ptr<T>();  // (Lk - 1, d), oldest first
       const stacklm::MultiplicativeConv<T> layer{h, w[0].data_ptr<T>(), w[1].data_ptr<T>(), data_or_null<T>(w[2]),
                                                  past, w[3].data_ptr<T>(), w[4].data_ptr<T>(), w[5].data_ptr<T>(),
@@ -273,9 +274,8 @@ bool block_fits(int64_t qkv_kind, int64_t ffn_kind, const at::Tensor* w, const a
   if (qkv_kind == kDenseQKV) {
     if (!is(a[0], {q + 2 * kv, d}) || !bias(a[1], q + 2 * kv) || !is(a[2], {d, q}) || !bias(a[3], d)) return false;
   } else {
-    const int64_t S = a[0].size(0), M = a[1].size(0), Lk = a[3].dim() == 4 ? a[3].size(2) : 0;
-    if (q != d || kv != d || S * M != d || Lk < 1 || !is(a[0], {S, d}) || !is(a[1], {M, d}) || !bias(a[2], d) ||
-        !is(a[3], {2 * M, M, Lk, 3}) || !is(a[4], {2 * M}) || !is(a[5], {M, M, Lk, 1}) || !is(a[6], {M}) ||
+    const auto [S, M, Lk] = stacklm::packed_dims(d, a[0], a[1], a[3], a[5]);
+    if (q != d || kv != d || Lk < 1 || !bias(a[2], d) || !is(a[4], {2 * M}) || !is(a[6], {M}) ||
         !is(frames, {1, Lk - 1, d}) || !frames.is_contiguous())
       return false;
   }
