@@ -59,6 +59,24 @@ def read_bandwidth(n_bytes: int = 1 << 30, rounds: int = 5) -> float:
     return n_bytes / median(alternate({"sum": lambda: x.sum()}, rounds)["sum"])
 
 
+class ReadProbe:
+    """A bandwidth probe to time in turns with other calls (`alternate`): each call sums a tensor
+    of `n_bytes`, far beyond the caches, three times back to back and keeps the fastest in
+    `seconds`. A VM's first read after a pause can be slow (on a 2-core Xeon 7-13 GB/s, against 21
+    once busy), while a decode step's reads follow one another; one sum a round gave bounds that
+    the steps beat (0.6-0.8x)."""
+
+    def __init__(self, n_bytes: int = 1 << 30):
+        self.n_bytes, self.x, self.seconds = n_bytes, torch.ones(n_bytes // 4, dtype=torch.float32), []
+
+    def __call__(self) -> None:
+        self.seconds.append(min(time_once(self.x.sum) for _ in range(3)))
+
+    def last(self, rounds: int) -> list[float]:
+        """The seconds of the last `rounds` calls (the rounds after `alternate`'s warmup)."""
+        return self.seconds[-rounds:]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

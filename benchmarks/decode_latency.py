@@ -3,7 +3,7 @@ weights, and against the memory-bandwidth bound.
 
 The bound: each new token reads every weight matrix once (the embedding lookup reads one row), so
 a token cannot take less than (matrix weight bytes) / (read bandwidth), the bandwidth measured in
-every round as a sum over 1 GiB. Greedy decoding
+every round as the fastest of three sums over 1 GiB (common.ReadProbe). Greedy decoding
 of a 16-token prompt; both libraries produce the same number of tokens (HF with min_new_tokens),
 and the table shows how many of them match HF's. stacklm runs three ways: its modules' forward
 (`generate(..., fused=False)`, eager), compiled (`compile=True, fused=False`: the compiled one-token
@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import stacklm
 from benchmarks.common import (
+    ReadProbe,
     alternate,
     headline,
     load_average,
@@ -98,7 +99,7 @@ def main() -> None:
     print(f"machine: {machine()}; load average {load_average()}")
     print(f"read bandwidth before: {read_bandwidth() / 1e9:.1f} GB/s")
     # The bandwidth a VM gets moves with its neighbours, so each round measures it next to the decoding.
-    probe = torch.ones(PROBE_BYTES // 4)
+    probe = ReadProbe(PROBE_BYTES)
     large_label, large = ("168M", MEDIUM) if args.quick else ("374M", LARGE)
     cases = [("34M", SMALL, torch.float32, 32 if args.quick else 128),
              (large_label, large, torch.float32, 16 if args.quick else 64),
@@ -111,12 +112,13 @@ def main() -> None:
         full, prefill = decoders(model, hf, prompt, new_tokens), decoders(model, hf, prompt, 1)
         outputs = {impl: decode() for impl, decode in full.items()}  # the warmup compiles stacklm's step
         times = alternate({**full, **{f"{impl} prefill": f for impl, f in prefill.items()},
-                           "bandwidth probe": probe.sum}, rounds)
+                           "bandwidth probe": probe}, rounds)
+        reads = probe.last(rounds)
         # a decode step: (generate new_tokens - generate 1 token) / (new_tokens - 1), round by round
         steps = {impl: [(t - t1) / (new_tokens - 1) for t, t1 in zip(times[impl], times[f"{impl} prefill"],
                                                                        strict=True)]
                  for impl in full}
-        bounds = [matrix_bytes(model) * t / PROBE_BYTES for t in times["bandwidth probe"]]  # s/token
+        bounds = [matrix_bytes(model) * t / PROBE_BYTES for t in reads]  # s/token
         name = f"{label} {str(dtype).removeprefix('torch.')}"
         for impl, ts in steps.items():
             ms, ratio = 1000 * median(ts), speedup(steps["hf"], ts)
@@ -126,7 +128,7 @@ def main() -> None:
                          agreement(outputs[impl], outputs["hf"], prompt_len)])
             figures[name, impl] = ratio, to_bound
         print(f"{name}: {matrix_bytes(model) / 1e6:.0f} MB of matrices; read bandwidth "
-              f"{PROBE_BYTES / median(times['bandwidth probe']) / 1e9:.1f} GB/s (median of the rounds), "
+              f"{PROBE_BYTES / median(reads) / 1e9:.1f} GB/s (median of the rounds), "
               f"so a bound of {1000 * median(bounds):.2f} ms/token")
         del model, hf, full, prefill, outputs
     print(f"load average after: {load_average()}")

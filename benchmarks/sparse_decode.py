@@ -11,8 +11,9 @@
    ms/token is one decode step: (time to generate n tokens - time to generate 1) / (n - 1), median of
    the rounds. The bound of each model is the bytes a token must read (every weight matrix, but
    only the chosen d_ff / N rows of the sparse FFN's two matrices, one embedding row, the KV cache)
-   over the read bandwidth measured in the same round (a sum over 1 GiB). The eager and compiled
-   sparse models run stacklm's CPU kernels for a one-token layer (model/cpu_kernels.py); the row
+   over the read bandwidth measured in the same round (the fastest of three sums over 1 GiB, back
+   to back: common.ReadProbe). The eager and compiled sparse models run stacklm's CPU kernels for
+   a one-token layer (model/cpu_kernels.py); the row
    "sparse FFN+QKV, PyTorch ops" is the same model with them turned off.
 2. Training step time (forward, backward, AdamW) of the three twins at the preset size.
 3. Quality: the presets configs/scaling-transformer-{dense,sparse-ffn,sparse}.yaml trained for the
@@ -34,6 +35,7 @@ import torch
 
 import stacklm
 from benchmarks.common import (
+    ReadProbe,
     alternate,
     headline,
     load_average,
@@ -109,7 +111,7 @@ def generate(model, prompt, n: int, impl: str, kernels: bool) -> None:
 
 def decode(cases, rounds: int, prompt_len: int = 16) -> tuple[list, dict]:
     rows, figures = [], {}
-    probe = torch.ones(PROBE_BYTES // 4)
+    probe = ReadProbe(PROBE_BYTES)
     for label, dims, dtype, new_tokens in cases:
         torch._dynamo.reset()  # a compiled step per model; drop the previous case's
         models = {name: stacklm.build_model(twin(dims, *kinds)).eval().to(dtype)
@@ -121,7 +123,8 @@ def decode(cases, rounds: int, prompt_len: int = 16) -> tuple[list, dict]:
         calls = {(name, impl, n): functools.partial(generate, model, prompt, n, impl, kernels)
                  for name, (model, kernels) in runs.items() for impl in IMPLS for n in (new_tokens, 1)
                  if kernels or impl != "fused"}  # without the kernels there is no C++ step
-        times = alternate({**calls, "probe": probe.sum}, rounds)  # the warmup compiles each step
+        times = alternate({**calls, "probe": probe}, rounds)  # the warmup compiles each step
+        reads = probe.last(rounds)
         case = f"{label} {str(dtype).removeprefix('torch.')}"
         context = prompt_len + new_tokens // 2
         for impl in IMPLS:
@@ -131,14 +134,14 @@ def decode(cases, rounds: int, prompt_len: int = 16) -> tuple[list, dict]:
                      for name in names}
             for name in names:
                 model = runs[name][0]
-                bound = [decode_bytes(model, context) * t / PROBE_BYTES for t in times["probe"]]
+                bound = [decode_bytes(model, context) * t / PROBE_BYTES for t in reads]
                 to_bound = median([s / b for s, b in zip(steps[name], bound, strict=True)])
                 ratio = speedup(steps["dense"], steps[name])
                 rows.append([case, impl, name, f"{model.num_params() / 1e6:.0f}M", model.config.ffn_dim,
                              f"{1000 * median(steps[name]):.2f}", f"{1000 * median(bound):.2f}",
                              f"{to_bound:.2f}x", f"{ratio:.2f}x"])
                 figures[case, impl, name] = ratio, to_bound
-        print(f"{case}: read bandwidth {PROBE_BYTES / median(times['probe']) / 1e9:.1f} GB/s (median)", flush=True)
+        print(f"{case}: read bandwidth {PROBE_BYTES / median(reads) / 1e9:.1f} GB/s (median)", flush=True)
         del models, calls
     return rows, figures
 

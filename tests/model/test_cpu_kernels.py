@@ -105,3 +105,17 @@ def test_kernels_check_their_inputs(bad):
     bad_args = (torch.randn(2, d), weight) if bad == "shape" else (x, weight.bfloat16())
     with pytest.raises(RuntimeError, match="matvec"):
         torch.ops.stacklm.matvec(*bad_args)
+    s, m, lk = 2, 4, 3  # the sparse q/k/v: its packing, then its step on the packed weights
+    weights = [torch.randn(s, s * m), torch.randn(m, s * m), torch.randn(2 * m, m, lk, 3), torch.randn(m, m, lk, 1)]
+    packed = list(torch.ops.stacklm.multiplicative_conv_pack(*weights))
+    step = [torch.randn(s * m), *packed[:2], None, torch.zeros(lk - 1, s * m), packed[2], torch.zeros(2 * m),
+            packed[3], torch.zeros(m)]
+    torch.ops.stacklm.multiplicative_conv_decode(*step)
+    if bad == "shape":
+        weights[1], step[2] = torch.randn(m + 1, s * m), torch.randn(m, s * m)  # E unpacked is not E packed
+    else:
+        weights[1], step[2] = weights[1].bfloat16(), step[2].bfloat16()
+    with pytest.raises(RuntimeError, match="multiplicative_conv_pack"):
+        torch.ops.stacklm.multiplicative_conv_pack(*weights)
+    with pytest.raises(RuntimeError, match="multiplicative_conv_decode"):
+        torch.ops.stacklm.multiplicative_conv_decode(*step)

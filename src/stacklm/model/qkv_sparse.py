@@ -94,8 +94,8 @@ class MultiplicativeQKV(nn.Module):
 class ConvState:
     """The convolutions' look-back while decoding: the shared layer's last length_kernel - 1
     outputs, (B, length_kernel - 1, D); zeros before the first token, as in training. A sequence
-    decoded by the fused CPU kernel also keeps the weights as it repacks them, made at its first
-    one-token step: the weights are read as they are then."""
+    decoded by the fused CPU kernel also keeps the weights as the kernel takes them, repacked at
+    its first one-token step: like the KV cache, a state belongs to the weights it was made with."""
 
     def __init__(self, frames: torch.Tensor):
         self.frames = frames

@@ -8,7 +8,8 @@
 // Python; compiled, the step still pays Dynamo's guards and the graph's Python wrapper (about 1.5
 // ms a token at the 800M shape, against a bound of 2.8 ms for the sparse model). Here the only
 // call per token is this one, and the blocks run the kernels of matvec.h, sparse_ffn.h and
-// multiplicative_conv.h directly on the weights.
+// multiplicative_conv.h directly on the weights (the sparse q/k/v's as the caller repacked them
+// once, multiplicative_conv_pack).
 //
 // What it runs is described by the caller, per block: the q/k/v kind (dense: one fused q/k/v
 // matmul and an output projection; multiplicative_conv: the Scaling Transformer's sparse q/k/v,

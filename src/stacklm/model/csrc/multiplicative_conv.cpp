@@ -11,8 +11,10 @@ using stacklm::MultiplicativeConv;
 // multiplicative_conv.h's `pack` describes
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multiplicative_conv_pack(
     const at::Tensor& mult, const at::Tensor& weight, const at::Tensor& qk_w, const at::Tensor& v_w) {
-  const int64_t d = mult.size(-1), S = mult.size(0), M = weight.size(0), Lk = qk_w.dim() == 4 ? qk_w.size(2) : 0;
-  TORCH_CHECK(mult.dim() == 2 && weight.sizes() == at::IntArrayRef({M, d}) && S * M == d && Lk >= 1 &&
+  TORCH_CHECK(mult.dim() == 2 && weight.dim() == 2 && qk_w.dim() == 4,
+              "multiplicative_conv_pack: D and E must be matrices, the q/k kernel (2 M, M, Lk, 3)");
+  const int64_t d = mult.size(1), S = mult.size(0), M = weight.size(0), Lk = qk_w.size(2);
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef({M, d}) && S * M == d && Lk >= 1 &&
                   qk_w.sizes() == at::IntArrayRef({2 * M, M, Lk, 3}) && v_w.sizes() == at::IntArrayRef({M, M, Lk, 1}),
               "multiplicative_conv_pack: the shapes of the weights disagree");
   for (const at::Tensor* t : {&weight, &qk_w, &v_w})
@@ -28,10 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multiplicative_conv_decode(
     const at::Tensor& v_b) {
   // x: (d), the packed D^T, E, q/k and v kernels (multiplicative_conv_pack), bias: (S M), frames:
   // (Lk - 1, S M), qk_b: (2 M), v_b: (M) -> y: (S M), qk: (S, 2 M), v: (S, M)
-  const int64_t d = x.size(-1);
+  TORCH_CHECK(x.dim() == 1, "multiplicative_conv_decode: x must be one row, (d)");
+  const int64_t d = x.size(0);
   int64_t S, M, Lk;  // named, not bound: the dispatch's lambda captures them
   std::tie(S, M, Lk) = stacklm::packed_dims(d, mult_t, weight, qk_w, v_w);
-  TORCH_CHECK(x.dim() == 1 && Lk >= 1 && (!bias.has_value() || bias->sizes() == at::IntArrayRef({d})) &&
+  TORCH_CHECK(Lk >= 1 && (!bias.has_value() || bias->sizes() == at::IntArrayRef({d})) &&
                   frames.sizes() == at::IntArrayRef({Lk - 1, d}) && qk_b.sizes() == at::IntArrayRef({2 * M}) &&
                   v_b.sizes() == at::IntArrayRef({M}),
               "multiplicative_conv_decode: the shapes of x, the packed weights and the frames disagree");
