@@ -77,11 +77,12 @@ def test_conv_decode_state_keeps_the_last_inputs(batch, dtype, overrides, kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("d", "h"), [(512, 8), (96, 4), (105, 5)])
+@pytest.mark.parametrize(("d", "h"), [(512, 8), (96, 4), (105, 5), (512, 16), (640, 20)])
 def test_conv_decode_state_with_wider_modules(d, h, dtype, kernels):
     """64, 24 and 21 units a module in 8, 4 and 5 modules: the fused kernel's panels of 16 output
     units whole and ragged, its modules 8, 4 and 1 at a time, and an odd width (bfloat16 pairs
-    padded)."""
+    padded). On CPUs with AMX tiles, bfloat16 layers whose module width is a multiple of 32 run on
+    them: 8 modules (a tile's rows padded), 16 (one whole tile) and 20 (16 + 4)."""
     config = Config.load("configs/tiny.yaml", [f"model.d_model={d}", f"model.n_heads={h}", "model.attention.bias=true",
                                                "model.attention.qkv=multiplicative_conv", "model.position.kind=none"])
     check_decode_state(build_model(config).blocks[0].attn.proj, 1, dtype, d)

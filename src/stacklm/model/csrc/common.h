@@ -8,6 +8,10 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <type_traits>
@@ -149,6 +153,35 @@ inline void dot_products16(const c10::BFloat16* __restrict__ a, const c10::BFloa
 constexpr bool kBFloat16Pairs = true;
 #else
 constexpr bool kBFloat16Pairs = false;
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Whether this thread may use AMX tiles: Linux gives a process the tiles' state only when asked
+// (arch_prctl ARCH_REQ_XCOMP_PERM), once; without it the first tile instruction raises SIGILL.
+inline bool amx_ready() {
+  static const bool ready = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ready;
+}
+
+// Tiles 0-2 as 16 rows of 64 bytes: tile 0 a 16 x 16 float32 sum, tile 1 16 rows of 32
+// bfloat16 (A), tile 2 16 rows of 16 bfloat16 pairs (B); the configuration is per thread.
+inline void configure_tiles() {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config = {};
+  config.palette = 1;
+  for (int t = 0; t < 3; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+constexpr bool kAmx = true;
+#else
+inline bool amx_ready() { return false; }
+constexpr bool kAmx = false;
 #endif
 
 // The dtype a kernel keeps its own operands in for dot_products against weights of dtype T:
