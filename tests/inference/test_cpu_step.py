@@ -22,6 +22,9 @@ SUPPORTED = {
     "sparse, length kernel 1": (*SPARSE, "model.attention.length_kernel=1"),
     # the q/k/v kernel's modules 16 at a time, then 8, of 9 units each
     "sparse, 24 modules": (*SPARSE, "model.d_model=216", "model.n_heads=24", "model.position.kind=none"),
+    # modules of 32 units: the fused step's q/k/v on AMX tiles in bfloat16, where the CPU has them (the
+    # tile kernel itself is checked against PyTorch in tests/model/test_qkv_sparse.py)
+    "sparse, 32-unit modules": (*SPARSE, "model.d_model=128", "model.n_heads=4"),
     "xpos": ("model.position.kind=xpos",),
     "learned positions": ("model.position.kind=learned",),
     "no positions": ("model.position.kind=none",),
@@ -64,6 +67,7 @@ def test_fused_step_gives_the_modules_logits_and_state(overrides):
 
 
 BF16 = {"dense": (), "sparse": SPARSE, "sparse, 24 modules": SUPPORTED["sparse, 24 modules"],
+        "sparse, 32-unit modules": SUPPORTED["sparse, 32-unit modules"],
         "xpos, biases, grouped-query heads": (
     "model.position.kind=xpos", "model.n_kv_heads=2", "model.attention.bias=true", "model.ffn.bias=true")}
 

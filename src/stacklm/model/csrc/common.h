@@ -8,7 +8,10 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// AMX tiles for bfloat16 products: where the compiler targets them (with the AVX-512 bfloat16
+// helpers they use), on Linux, which grants a process the tiles' state on request
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define STACKLM_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -155,9 +158,11 @@ constexpr bool kBFloat16Pairs = true;
 constexpr bool kBFloat16Pairs = false;
 #endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Whether this thread may use AMX tiles: Linux gives a process the tiles' state only when asked
+#ifdef STACKLM_AMX
+// Whether the process may use AMX tiles: Linux gives a process the tiles' state only when asked
 // (arch_prctl ARCH_REQ_XCOMP_PERM), once; without it the first tile instruction raises SIGILL.
+// Where the request fails (a kernel before 5.16, a seccomp filter) the kernels keep their vector
+// paths.
 inline bool amx_ready() {
   static const bool ready = [] {
     constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
@@ -174,6 +179,7 @@ inline void configure_tiles() {
     uint16_t colsb[16];
     uint8_t rows[16];
   } config = {};
+  static_assert(sizeof(config) == 64, "the tile configuration is 64 bytes");
   config.palette = 1;
   for (int t = 0; t < 3; ++t) config.colsb[t] = 64, config.rows[t] = 16;
   _tile_loadconfig(&config);

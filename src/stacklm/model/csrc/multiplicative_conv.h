@@ -34,7 +34,7 @@
 // the modules as rows. On the 2-core Xeon at the 800M shape this took the kernel from 35 to 18 us
 // a layer with its weights in cache and from 51-58 to 40 from memory, and the bfloat16 step 1.12-1.21x
 // faster. oneDNN's AMX matmul would need its own packing and an op call per product; these
-// products are 16 rows by a few hundred k, a handful of tile instructions each.
+// products are 16 rows by 192 to 1024 k, a few dozen tile instructions each.
 
 #pragma once
 
@@ -155,7 +155,7 @@ void multiply(const Segment<Operand<T>>* segments, int64_t n_segments, int64_t n
   }
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef STACKLM_AMX
 // One term of a product's A operand on AMX tiles: `chunks` blocks of 32 bfloat16 a row, block c
 // of row r at a + r * stride + c * 32 (rows past the product's are read and their sums dropped)
 struct TileSegment {
@@ -165,7 +165,7 @@ struct TileSegment {
 
 // `multiply` on AMX tiles, for bfloat16 panels of pairs: per 32 k, a tile of 16 rows of A, the
 // panel's 16 rows of pairs and one tdpbf16ps into a 16 x 16 sum (8192 multiply-adds, where the
-// vector path does 512 per vdpbf16ps). The panels are the tiles' B operand as they are packed.
+// vector path does 32 per vdpbf16ps). The panels are the tiles' B operand as they are packed.
 template <typename Store>
 void tile_multiply(const TileSegment* segments, int64_t n_segments, int64_t n_rows, const c10::BFloat16* weights,
                    int64_t panel_size, int64_t p0, int64_t p1, const Store& store) {
@@ -245,7 +245,7 @@ struct MultiplicativeConv {
   // y[s M + m] = sum_i x_i D[s, i] E[m, i] (+ bias), for the units m of E's panels [p0, p1)
   void shared(int64_t p0, int64_t p1, T* y) const {
     if (p0 == p1) return;  // a share with no panels (more threads than panels)
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef STACKLM_AMX
     if constexpr (std::is_same_v<T, c10::BFloat16>)
       if (tiles()) return shared_tiles(p0, p1, y);
 #endif
@@ -286,19 +286,21 @@ struct MultiplicativeConv {
   // Rows of 16 modules for AMX tiles (zeros past S)
   int64_t tile_rows() const { return (S + 15) / 16 * 16; }
 
-  // Whether the products run on AMX tiles: bfloat16 pairs, the CPU has tiles, and each 32 k of a
-  // product lie in one row of its A operand
-  bool tiles() const { return kAmx && g == 2 && dg() % 32 == 0 && Mg() % 32 == 0 && amx_ready(); }
+  // Whether the products run on AMX tiles: bfloat16 pairs, the CPU has tiles, and modules of a
+  // multiple of 32 units (so d is one too: each 32 k of a product lie in one row of its A operand)
+  bool tiles() const { return kAmx && g == 2 && M % 32 == 0 && amx_ready(); }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef STACKLM_AMX
   // `shared` on tiles: x * D with the modules as rows, (tile_rows, d_2), from D^T's pairs (one
   // gather of 16 pairs per 32 k of a module), then E's panels
   void shared_tiles(int64_t p0, int64_t p1, T* y) const {
     const int64_t pairs = dg() / 2;
+    // kept from call to call, as `scaled` above; the rows past S stay zero (their sums are dropped)
     thread_local std::vector<c10::BFloat16> scaled;
-    scaled.assign(tile_rows() * dg(), c10::BFloat16(0.0f));
-    std::vector<float> even_x(pairs), odd_x(pairs, 0.0f);
-    for (int64_t i = 0; i < d; ++i) (i % 2 == 0 ? even_x : odd_x)[i / 2] = static_cast<float>(x[i]);
+    thread_local std::vector<float> even_x, odd_x;
+    scaled.resize(tile_rows() * dg());
+    even_x.resize(pairs), odd_x.resize(pairs);
+    for (int64_t i = 0; i < d; i += 2) even_x[i / 2] = static_cast<float>(x[i]), odd_x[i / 2] = static_cast<float>(x[i + 1]);
     const int* from = reinterpret_cast<const int*>(mult_t);  // pair (i / 2) of module s at i / 2 * S + s
     const __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                              _mm512_set1_epi32(static_cast<int>(S)));
@@ -322,7 +324,7 @@ struct MultiplicativeConv {
     const int64_t rows = tile_rows() + 2;
     std::vector<c10::BFloat16> out(Lk * rows * Mg(), c10::BFloat16(0.0f));
     for (int64_t l = 0; l < Lk; ++l) {
-      const T* from = l < Lk - 1 ? frames + l * S * M : y;
+      const T* from = position(l, y);
       for (int64_t s = 0; s < S; ++s) std::copy_n(from + s * M, M, out.data() + (l * rows + s + 1) * Mg());
     }
     return out;
@@ -340,6 +342,9 @@ struct MultiplicativeConv {
   }
 #endif
 
+  // The shared layer's output at position l of the last Lk: the frames, then y (S M)
+  const T* position(int64_t l, const T* y) const { return l < Lk - 1 ? frames + l * S * M : y; }
+
   // The A operand of the convolutions: the last Lk outputs of the shared layer (the frames, then
   // y), zero-padded by one module on each side, as (Lk, M_2 / g, S + 2, g): position l's unit m
   // of module s at ((l M_2 / g + m / g) (S + 2) + s + 1) g + m % g
@@ -347,7 +352,7 @@ struct MultiplicativeConv {
     const int64_t groups = Mg() / g;
     std::vector<Operand<T>> out(Lk * groups * (S + 2) * g, Operand<T>(0.0f));
     for (int64_t l = 0; l < Lk; ++l) {
-      const T* from = l < Lk - 1 ? frames + l * S * M : y;
+      const T* from = position(l, y);
       for (int64_t s = 0; s < S; ++s)
         for (int64_t m = 0; m < M; ++m) out[((l * groups + m / g) * (S + 2) + s + 1) * g + m % g] = from[s * M + m];
     }
@@ -387,7 +392,7 @@ struct MultiplicativeConv {
       const auto [q0, q1] = share_of_panels(panels(2 * M), t, shares);
       const auto [v0, v1] = share_of_panels(panels(M), t, shares);
       if (q0 == q1 && v0 == v1) return;
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef STACKLM_AMX
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (tiles()) {
           const std::vector<c10::BFloat16> a = tile_grid(y);
