@@ -295,7 +295,8 @@ struct MultiplicativeConv {
   // gather of 16 pairs per 32 k of a module), then E's panels
   void shared_tiles(int64_t p0, int64_t p1, T* y) const {
     const int64_t pairs = dg() / 2;
-    // kept from call to call, as `scaled` above; the rows past S stay zero (their sums are dropped)
+    // kept from call to call, as `scaled` above; the rows past S hold whatever an earlier call left
+    // there (a tile's rows are summed apart, and the sums of those rows are dropped)
     thread_local std::vector<c10::BFloat16> scaled;
     thread_local std::vector<float> even_x, odd_x;
     scaled.resize(tile_rows() * dg());
@@ -337,10 +338,14 @@ struct MultiplicativeConv {
     const int64_t rows = tile_rows() + 2;
     for (int64_t l = 0; l < Lk; ++l)
       for (int64_t j = 0; j < k; ++j)
-        segments.push_back({grid + (l * rows + j - (k - 1) / 2 + 1) * Mg(), Mg(), Mg() / 32});
+        segments.push_back({grid + (l * rows + grid_row(j, k)) * Mg(), Mg(), Mg() / 32});
     tile_multiply(segments.data(), static_cast<int64_t>(segments.size()), S, w, Lk * k * Mg() * 16, p0, p1, conv_store(b, n_out, out));
   }
 #endif
+
+  // Module s's neighbour j of a window of width k, module s + j - (k - 1) / 2, is in row s + grid_row(j, k)
+  // of a grid (both grids hold module s in row s + 1, a zero row on each side)
+  static int64_t grid_row(int64_t j, int64_t k) { return j - (k - 1) / 2 + 1; }
 
   // The shared layer's output at position l of the last Lk: the frames, then y (S M)
   const T* position(int64_t l, const T* y) const { return l < Lk - 1 ? frames + l * S * M : y; }
@@ -366,8 +371,8 @@ struct MultiplicativeConv {
     std::vector<Segment<Operand<T>>> segments;
     const int64_t groups = Mg() / g;
     for (int64_t l = 0; l < Lk; ++l)
-      for (int64_t j = 0; j < k; ++j)  // module s + j - (k - 1) / 2 is row s + j - (k - 1) / 2 + 1 of the grid
-        segments.push_back({grid + (l * groups * (S + 2) + j - (k - 1) / 2 + 1) * g, (S + 2) * g, groups});
+      for (int64_t j = 0; j < k; ++j)
+        segments.push_back({grid + (l * groups * (S + 2) + grid_row(j, k)) * g, (S + 2) * g, groups});
     multiply<T>(segments.data(), static_cast<int64_t>(segments.size()), S, w, Lk * k * Mg() * 16, p0, p1,
                 conv_store(b, n_out, out));
   }
