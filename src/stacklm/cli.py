@@ -110,7 +110,7 @@ def stream_sample(run, prompt: str, max_new_tokens: int, temperature: float, top
             sys.stdout.flush()
             shown = text
 
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None  # where it samples
     generate(run.model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, top_p,
              eos_id=tok.eos_id, generator=generator, on_token=on_token, compile=compile,
              encoder_ids=encoder_ids)

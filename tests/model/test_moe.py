@@ -99,6 +99,21 @@ def test_permutation_round_trip_is_exact():
     assert torch.equal(moe(x), x * gate)
 
 
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.bfloat16), ("meta", torch.float32)])
+def test_a_share_of_the_experts_keeps_their_device_and_dtype(device, dtype):
+    """Expert parallelism keeps a rank's share with `select`: on a GPU model it must stay on the GPU
+    in the model's dtype (the meta device stands in for CUDA here)."""
+    experts = layer().experts.to(device=device, dtype=dtype)
+    share = experts.select(range(1, 3))
+    for name in ("gate_up_proj", "out_proj"):
+        weight = getattr(share, name)
+        assert (weight.device.type, weight.dtype, weight.size(0)) == (device, dtype, 2)
+        assert weight.requires_grad
+        if device == "cpu":
+            assert torch.equal(weight, getattr(experts, name)[1:3])
+            assert weight.data_ptr() != getattr(experts, name).data_ptr()  # a copy, not a view
+
+
 def test_topk_gates_sum_to_one():
     moe = layer(router="topk", top_k=3, dropless="true")
     moe.experts.forward = lambda x, counts: x

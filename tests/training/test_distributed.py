@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+from stacklm.errors import UserError
 from stacklm.runs import load_run
+from stacklm.training.distributed import init_distributed
 from stacklm.training.metrics import read_metrics
 from stacklm.training.trainer import train
 
@@ -77,3 +79,13 @@ def test_fsdp_matches_ddp_for_moe_with_sparse_experts(tmp_path, cache_dir, torch
     for kind in ("ddp", "fsdp"):
         torchrun_train(*common, f"train.data_parallel={kind}", f"train.out_dir={tmp_path / kind}")
     assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "ddp"), rel=1e-5)
+
+
+def test_one_gpu_for_every_rank_is_refused(monkeypatch):
+    """Under torchrun, train.device=cuda:N would put every rank on GPU N: one clear error, before
+    any GPU or process group is touched (so it is checked on a CPU machine too)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match=r"train.device=cuda:0 with 2 processes .* use cuda or auto"):
+        init_distributed("cuda:0")

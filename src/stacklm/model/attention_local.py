@@ -105,7 +105,7 @@ class LocalAttention(nn.Module):
             n = min(start + 1, cache.window)
             bias = None
             if position.has_bias:  # only then the slots' positions: this is the decode step
-                bias = position_bias(position, torch.tensor([[[start]]], device=x.device),
+                bias = position_bias(position, torch.full((1, 1, 1), start, device=x.device),  # no host copy
                                      cache.slot_positions().view(1, 1, -1))
             y = causal_attention(q, cache.k[:, :, :n], cache.v[:, :, :n], bias, dropout)
             return self.proj.out(y.transpose(1, 2).reshape(b, t, -1))

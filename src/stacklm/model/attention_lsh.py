@@ -115,7 +115,8 @@ class LSHAttention(nn.Module):
         self.q_mult = attention_mult(cfg)  # muP's 1/head_dim attention; 1 otherwise
         # Fixed, not redrawn per batch as in Reformer, so decoding hashes a token as training did.
         generator = torch.Generator().manual_seed(options.seed)
-        rotations = torch.randn(options.n_hashes, cfg.head_dim, options.n_buckets // 2, generator=generator)
+        rotations = torch.randn(options.n_hashes, cfg.head_dim, options.n_buckets // 2, generator=generator,
+                                device="cpu")  # the generator's device, even under a `with torch.device(...)`
         self.register_buffer("rotations", rotations, persistent=False)  # (R, hd, n_buckets/2)
 
     def keys_per_query(self, seq_len: int) -> int:

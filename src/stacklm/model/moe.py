@@ -107,10 +107,14 @@ class GroupedSwiGLU(nn.Module):
         nn.init.normal_(self.out_proj, 0.0, residual_std)
 
     def select(self, experts: range) -> GroupedSwiGLU:
-        """A module with only the given experts (expert parallelism keeps a rank's share)."""
-        out = GroupedSwiGLU(len(experts), self.out_proj.size(1), self.out_proj.size(2), self.dispatch)
-        out.gate_up_proj.data.copy_(self.gate_up_proj.data[experts.start:experts.stop])
-        out.out_proj.data.copy_(self.out_proj.data[experts.start:experts.stop])
+        """A module with only the given experts (expert parallelism keeps a rank's share), on the
+        device and in the dtype of these weights (a CUDA model's share stays on its GPU)."""
+        with torch.device("meta"):
+            out = GroupedSwiGLU(len(experts), self.out_proj.size(1), self.out_proj.size(2), self.dispatch)
+        for name in ("gate_up_proj", "out_proj"):
+            weight = getattr(self, name)
+            share = weight.detach()[experts.start:experts.stop].clone()
+            setattr(out, name, nn.Parameter(share, requires_grad=weight.requires_grad))
         return out
 
     @staticmethod

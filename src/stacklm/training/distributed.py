@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stacklm.device import resolve_device
+from stacklm.errors import UserError
 
 
 @dataclass
@@ -25,6 +26,10 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # Collectives of Python objects (the optimizer state gathered for a checkpoint) run here: on an
+    # NCCL world they would otherwise be staged in GPU memory, every rank's state on the receiver's
+    # GPU at once. None: the default group, already host memory (gloo)
+    host_group: dist.ProcessGroup | None = None
 
     @property
     def main(self) -> bool:
@@ -44,11 +49,16 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPU), or run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and device_name.startswith("cuda:"):
+        raise UserError(f"train.device={device_name} with {world} processes would put every rank on the "
+                        f"same GPU; use cuda or auto (each rank takes cuda:LOCAL_RANK)")
     device = resolve_device(device_name, info.local_rank)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and dist.get_backend() != "gloo":
+        info.host_group = dist.new_group(backend="gloo")
     return info, device
 
 
@@ -78,7 +88,10 @@ def wrap_data_parallel(model: nn.Module, info: Dist, device: torch.device, kind:
         return model
     if ignore:  # DDP broadcasts the rest from rank 0 as it wraps them
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # The model's buffers are constant tables (RoPE, ALiBi slopes, LSH rotations), the same on every
+    # rank: no need to broadcast them before every forward
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def broadcast_weights(model: nn.Module, skip: Iterable[str] = ()) -> None:

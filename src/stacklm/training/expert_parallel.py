@@ -51,7 +51,7 @@ class ExpertParallel(nn.Module):
         tokens = funcol.all_to_all_single_autograd(x, recv, send, self.group)  # by (source rank, expert)
         # Group the received tokens by local expert for the experts' contiguous slices, then undo it
         expert = torch.arange(self.n_local, device=x.device).repeat(self.world)
-        order = expert.repeat_interleave(received.flatten()).argsort(stable=True)
+        order = expert.repeat_interleave(received.flatten(), output_size=sum(recv)).argsort(stable=True)
         y = self.local(tokens.index_select(0, order), received.sum(0))
         y = torch.empty_like(y).index_copy(0, order, y)
         return funcol.all_to_all_single_autograd(y, send, recv, self.group)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -158,6 +159,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False,
     try:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
+        if config.train.deterministic and device.type == "cuda":  # cuBLAS refuses otherwise
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(config.train.deterministic or deterministic)
         return _train(config, info, device, resume, overwrite, log if info.main else (lambda _: None))
     finally:
@@ -238,12 +241,12 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
         # (each distinct state once: expert_parallel.optimizer_state_sources)
         if layout == "fsdp":
             weights, optim_state = distributed.full_state(model, optimizer)
-        elif sharded:  # through host memory: rank 0's device need not hold every rank's state
+        elif sharded:  # through host memory (info.host_group): rank 0's GPU need not hold every rank's state
             gathered = distributed.full_model_state(model) if layout == "expert_parallel_fsdp" else None
             weights = expert_parallel.full_state_dict(model, gathered)
             optim_state = [None] * info.world if info.main else None
             mine = expert_parallel.saved_optimizer_state(model, optimizer, info.rank)
-            torch.distributed.gather_object(mine, optim_state)
+            torch.distributed.gather_object(mine, optim_state, group=info.host_group)
         else:
             weights, optim_state = model, optimizer.state_dict()
         if not info.main:
