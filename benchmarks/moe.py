@@ -19,6 +19,7 @@ width), so both pass each token through the same number of weights.
 All timed calls take turns (A B A B ...); each ratio is the median of the per-round ratios.
 
     python -m benchmarks.moe [--quick] [--skip-quality | --skip-speed] [--steps N] [--moe KEY=VALUE ...]
+                             [--both KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -126,12 +127,12 @@ def decode(rounds: int, new_tokens: int) -> list:
     return rows
 
 
-def quality(steps: int | None, eval_every: int, moe_overrides: list[str]) -> dict:
+def quality(steps: int | None, eval_every: int, moe_overrides: list[str], both: list[str]) -> dict:
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, preset in PRESETS.items():
             overrides = [f"train.out_dir={tmp}/{preset}", "train.progress=false", "eval.sample_tokens=0",
-                         f"train.eval_every={eval_every}", "train.eval_batches=10", "train.ckpt_every=0"]
+                         f"train.eval_every={eval_every}", "train.eval_batches=10", "train.ckpt_every=0", *both]
             if name == "MoE":
                 overrides += moe_overrides
             if steps is not None:
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="MoE validation interval (default steps/14)")
     parser.add_argument("--moe", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of the MoE preset for the quality runs, e.g. model.ffn.shared_expert=true")
+    parser.add_argument("--both", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of both twins for the quality runs, e.g. train.batch_size=64")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"machine: {machine()}; load average {load_average()}")
@@ -178,7 +181,7 @@ def main() -> None:
     if not args.skip_quality:
         steps = args.steps or (100 if args.quick else None)
         total = steps or stacklm.Config.load("configs/default.yaml").train.steps
-        curves = quality(steps, args.eval_every or max(1, total // 14), args.moe)
+        curves = quality(steps, args.eval_every or max(1, total // 14), args.moe, args.both)
         dense_final = curves["dense"][-1][1]
         reached = steps_to_reach(curves["MoE"], dense_final)
         print(table([[name, f"{c[-1][1]:.4f}"] for name, c in curves.items()], ["model", "final val loss"]))
