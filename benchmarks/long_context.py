@@ -9,26 +9,31 @@ switched off (exact_below=0) so the LSH path itself is measured.
 - Time: at each length the three kinds take turns (A B C A B C ...); the ratio to full is the
   median of the per-round ratios.
 - Memory: each (kind, length) runs in a fresh process, which reports its peak resident memory
-  during the step minus its resident memory just before (model, optimizer-free, inputs built).
+  during the step minus its resident memory just before (model, optimizer-free, inputs built);
+  on a GPU (`--device cuda`), the peak of `torch.cuda.max_memory_allocated` during the step minus
+  what was allocated before it.
 - The memory of full attention with its (T, T) scores materialised (the baseline the Reformer
   and Longformer papers compare with) is shown up to 8192 tokens for reference; stacklm's `full`
-  runs PyTorch's fused kernel, whose memory grows linearly.
+  runs PyTorch's fused kernel, whose memory grows linearly. On a GPU that baseline is SDPA
+  restricted to its math backend, which materialises the scores.
 - Crossover: the shortest length at which lsh's step is faster than full's (the `exact_below`
   default of `model.attention.kind=lsh` comes from this figure).
 
 memory_ratio and time_ratio are the larger of local/full and lsh/full at the longest length run.
 
-    python -m benchmarks.long_context [--quick] [--lengths 1024,2048,...]
+    python -m benchmarks.long_context [--quick] [--lengths 1024,2048,...] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import stacklm
 import stacklm.model.attention as attention
@@ -48,21 +53,27 @@ EXPLICIT = "full, T x T scores"
 EXPLICIT_UP_TO = 8192
 
 
-def build(kind: str, length: int):
+def build(kind: str, length: int, device: torch.device):
+    """One training step's forward and backward (bf16 autocast) for `kind` at `length` tokens; on a
+    GPU it waits for the device, so that a timer around it measures the step."""
+    sdpa = contextlib.nullcontext
     if kind == EXPLICIT:
         attention.EXPLICIT_MAX_LEN = length  # this process only: the child that measures memory
         attention.BLOCK_MAX_LEN = 0  # not the block-causal path, which keeps half the scores
+        sdpa = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731 -- the GPU's (T, T)-scores kernel
         kind = "full"
     config = stacklm.Config.load("configs/default.yaml", [f"model.max_seq_len={length}", *KINDS[kind]])
     torch.manual_seed(0)
-    model = stacklm.build_model(config).train()
-    ids = torch.randint(0, config.model.vocab_size, (1, length + 1))
+    model = stacklm.build_model(config).train().to(device)
+    ids = torch.randint(0, config.model.vocab_size, (1, length + 1), device=device)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with sdpa(), torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(ids[:, :-1], targets=ids[:, 1:])
         loss.backward()
         model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return step
 
@@ -75,17 +86,25 @@ def status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def child(kind: str, length: int) -> None:
-    """One step in this process: print the peak resident memory it added, in MiB."""
-    step = build(kind, length)
-    before = status_mb("VmRSS")
-    step()
-    print(json.dumps({"extra_mb": status_mb("VmHWM") - before}))
+def child(kind: str, length: int, device: torch.device) -> None:
+    """One step in this process: print the peak memory it added, in MiB (resident memory on the
+    CPU, allocated device memory on a GPU)."""
+    step = build(kind, length, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        extra = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    else:
+        before = status_mb("VmRSS")
+        step()
+        extra = status_mb("VmHWM") - before
+    print(json.dumps({"extra_mb": extra}))
 
 
-def peak_memory(kind: str, length: int) -> float:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.long_context", "--child", kind, str(length)],
-                         capture_output=True, text=True, check=True).stdout
+def peak_memory(kind: str, length: int, device: torch.device) -> float:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.long_context", "--device", str(device),
+                          "--child", kind, str(length)], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["extra_mb"]
 
 
@@ -94,12 +113,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1k to 8k tokens, 2 rounds")
     parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (the default) or cuda[:N]")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: this machine offers cpu"
+                     + (" and cuda" if torch.cuda.is_available() else " only (no CUDA device)"))
     if args.child:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), device)
         return
-    print(f"machine: {machine()}; load average {load_average()}", flush=True)
+    gpu = f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"machine: {machine()}{gpu}; load average {load_average()}", flush=True)
     default = (1024, 2048, 4096, 8192) if args.quick else (512, 1024, 2048, 4096, 8192, 16384, 32768)
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(default)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -107,10 +135,10 @@ def main() -> None:
     header = ["tokens", *(f"{k} ms" for k in KINDS), *(f"{k} MiB" for k in KINDS), f"{EXPLICIT} MiB",
               "local/full time", "lsh/full time"]
     for length in lengths:
-        steps = {kind: build(kind, length) for kind in KINDS}
+        steps = {kind: build(kind, length, device) for kind in KINDS}
         times = alternate(steps, rounds if length <= 8192 else max(1, rounds - 1))
-        memory = {kind: peak_memory(kind, length) for kind in KINDS}
-        explicit = f"{peak_memory(EXPLICIT, length):.0f}" if length <= EXPLICIT_UP_TO else "-"
+        memory = {kind: peak_memory(kind, length, device) for kind in KINDS}
+        explicit = f"{peak_memory(EXPLICIT, length, device):.0f}" if length <= EXPLICIT_UP_TO else "-"
         last = {kind: (speedup(times[kind], times["full"]), memory[kind] / memory["full"]) for kind in KINDS}
         rows.append([length] + [f"{median(times[k]) * 1e3:.0f}" for k in KINDS]
                     + [f"{memory[k]:.0f}" for k in KINDS] + [explicit]
