@@ -169,9 +169,9 @@ def main() -> None:
         if cases is None:
             held_out = windows(data.val, 256, rng)
             cases = infill_cases(data.val, args.spans or (100 if args.quick else 400), rng)
-        cpu, encoder_input = torch.device("cpu"), objective.encoder_input([])
-        causal = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, encoder_input=encoder_input)["loss"]
-        layout = Continuation(run.config.model, run.tokenizer.eos_id, encoder_input)
+        cpu, head = torch.device("cpu"), objective.mode_head()
+        causal = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, head=head)["loss"]
+        layout = Continuation(run.config.model, run.tokenizer.eos_id, head, prefix_lm=name != "causal")
         continuation = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, objective=layout)["loss"]
         filled = {layout: infill(run, objective, layout_cases) for layout, layout_cases in cases.items()}
         scores[name] = (causal, filled["T5 spans"][0])

@@ -93,12 +93,26 @@ def test_eval_context_past_learned_positions_is_refused(args, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("objective", ["ul2", "prefix_lm"])
-def test_train_with_a_denoising_objective(args, tmp_path, objective, capsys):
+def test_train_with_a_denoising_objective(args, tmp_path, objective, capsys, monkeypatch):
     assert main(["train", *args, "train.steps=3", f"train.objective.kind={objective}", "eval.sample_tokens=0"]) == 0
     assert "validation after 3 steps: loss" in capsys.readouterr().out
-    assert main(["eval", str(tmp_path / "run"), "--json", "--batches", "1"]) == 0
+    run = str(tmp_path / "run")
+    assert main(["eval", run, "--json", "--batches", "1", "--continuation"]) == 0
     result = json.loads(capsys.readouterr().out)  # causal loss, and each denoiser's
     assert len(result["denoising"]) == 7 and result["denoising"]["S"] > 0 and "R(3, 0.15)" in result["denoising"]
+    assert result["continuation"] > 0
+    seen = {}
+
+    def spy(model, prompt, *rest, **kwargs):
+        seen["prompt"] = prompt[0].tolist()
+        return real(model, prompt, *rest, **kwargs)
+
+    real = stacklm.inference.generate
+    monkeypatch.setattr(stacklm.inference, "generate", spy)
+    assert main(["generate", run, "--prompt", "def f", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    tok = stacklm.load_run(run).tokenizer
+    modes = [tok.token_id("[S2S]")] if objective == "ul2" else []  # UL2's language-model mode token
+    assert seen["prompt"] == modes + tok.encode("def f")
 
 
 @pytest.mark.parametrize("objective", ["ul2", "span_corruption"])

@@ -75,26 +75,11 @@ def stream_sample(run, prompt: str, max_new_tokens: int, temperature: float, top
     import torch
 
     from stacklm.inference import generate
-    from stacklm.registry import OBJECTIVE
 
     tok = run.tokenizer
-    m = run.config.model
     device = next(run.model.parameters()).device
-    encoder_ids = None
-    if m.arch == "encoder_decoder":
-        objective = OBJECTIVE.build(run.config.train.objective, tok, m)
-        encoder = objective.encoder_input(tok.encode(system or ""))
-        if len(encoder) > m.max_seq_len:
-            raise UserError(f"the system prompt is {len(encoder)} tokens; this model reads at most {m.max_seq_len}")
-        encoder_ids = torch.tensor([encoder], device=device) if encoder else None
-        ids = [tok.eos_id, *tok.encode(prompt)]  # the decoder starts from <eos>, as in training
-    elif system is not None:
-        raise UserError("--system is read by an encoder; this run is decoder-only (model.arch=decoder): "
-                        "put the text in --prompt")
-    else:
-        ids = tok.encode(prompt) or [tok.eos_id]  # <eos> also starts a document
-    if len(ids) >= m.max_seq_len:
-        raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {m.max_seq_len}")
+    ids, encoder = run.prompt_ids(prompt, system)
+    encoder_ids = torch.tensor([encoder], device=device) if encoder else None
     new: list[int] = []
     shown = ""
     sys.stdout.write(prompt)
@@ -162,11 +147,11 @@ def cmd_eval(args) -> None:
                             progress=False, log=lambda m: print(m, file=sys.stderr))
         which = "validation split" if args.data is None else args.data
         objective = OBJECTIVE.build(run.config.train.objective, run.tokenizer, run.config.model)
-        encoder_input = objective.encoder_input([])
+        head = objective.mode_head()  # a UL2 run's [S2S]: the mode its causal loss is read in
         if contexts:
             sweeps[run_dir] = context_sweep(run.model, data.val, contexts, args.tokens,
                                             run.config.eval.batch_size * data_cfg.seq_len, device,
-                                            encoder_input=encoder_input)
+                                            head=head)
             if not args.json:
                 print_sweep(run_dir, which, sweeps[run_dir], data_cfg.seq_len)
             continue
@@ -175,9 +160,12 @@ def cmd_eval(args) -> None:
             raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({run.config.model.max_seq_len})")
         batches = args.batches if args.batches else run.config.eval.max_batches
         result = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size, batches, device,
-                          encoder_input=encoder_input)
+                          head=head)
         if args.continuation or run.config.model.arch == "encoder_decoder":
-            layout = Continuation(run.config.model, run.tokenizer.eos_id, encoder_input)
+            # a denoising run reads the first half as the S-denoiser's prefix (both ways), unless
+            # an evaluation override gave it an attention kind that cannot
+            prefix_lm = run.config.train.objective.kind != "causal" and run.config.model.attention.kind == "full"
+            layout = Continuation(run.config.model, run.tokenizer.eos_id, head, prefix_lm=prefix_lm)
             result["continuation"] = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size,
                                               batches, device, objective=layout)["loss"]
         if args.denoisers or run.config.train.objective.kind != "causal":

@@ -9,20 +9,21 @@ import torch
 
 from stacklm.data.store import TokenStore
 from stacklm.errors import UserError
+from stacklm.model.loss import IGNORE_INDEX
 from stacklm.training.distributed import Dist
 
 
 @torch.no_grad()
 def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None,
              device: torch.device, dtype: torch.dtype = torch.float32, dist: Dist | None = None,
-             objective=None, max_windows: int | None = None, encoder_input: list[int] | None = None) -> dict:
+             objective=None, max_windows: int | None = None, head: list[int] | None = None) -> dict:
     """Mean next-token loss over consecutive non-overlapping windows from the start of `store`.
 
     bits-per-byte converts the loss with the split's measured UTF-8 bytes per token, so models
-    with different tokenizers compare. With a denoising `objective` (`stacklm.objectives.ul2`),
-    the loss is that objective's, over its target tokens. An encoder-decoder's next-token loss is
-    its decoder's with the encoder reading `encoder_input` (None or []: an empty input; a
-    decoder-only model ignores it).
+    with different tokenizers compare. With a denoising `objective` (`stacklm.objectives.ul2`) or
+    another layout (`Continuation`), the loss is that layout's, over its target tokens. Otherwise
+    it is the next-token loss over each window (`NextToken`) after the run's `head`, the
+    objective's `mode_head()` (a UL2 run's [S2S]; None or []: nothing).
     """
     dist = dist or Dist()
     seq_len = min(seq_len, store.n_tokens - 1)
@@ -45,9 +46,7 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
         first = first if counted else 0
         rows = [store.window(i, seq_len, table) for i in range(first, min(first + batch_size, n_windows))]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-        inputs = objective.batch(batch) if objective else {"idx": batch[:, :-1], "targets": batch[:, 1:]}
-        if encoder_input and objective is None and model.config.arch == "encoder_decoder":
-            inputs["encoder_ids"] = torch.tensor([encoder_input], dtype=torch.long, device=device).expand(len(rows), -1)
+        inputs = (objective or NextToken(model.config, head)).batch(batch)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**inputs)
         n = (inputs["targets"] != -100).sum() * counted
@@ -60,33 +59,70 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
             "bpb": loss / math.log(2) / store.bytes_per_token, "tokens": int(total[1].item())}
 
 
-class Continuation:
-    """An evaluation layout: the loss on each window's second half given its first. A decoder reads
-    the first half as causal context; an encoder-decoder reads it in its encoder (after
-    `encoder_input`, e.g. [S2S]) and its decoder writes the second half after <eos>, as the
-    S-denoiser trains it. The scored tokens are the same for both, so the two compare."""
+class NextToken:
+    """An evaluation layout: the next-token loss over each window, after the run's `head` tokens
+    (its objective's `mode_head()`). An encoder-decoder's encoder reads `head`. A decoder-only
+    model reads it before the window, as a UL2 run's S and C examples start with [S2S]; the
+    scored tokens stay the window's, so models trained with any objective compare. (If `head`
+    and the window exceed max_seq_len, the window's first tokens give way.)"""
 
-    def __init__(self, model_config, eos_id: int, encoder_input: list[int] | None = None):
+    def __init__(self, model_config, head: list[int] | None = None):
         self.encoder_decoder = model_config.arch == "encoder_decoder"
-        self.eos_id, self.head = eos_id, list(encoder_input or [])
+        self.head, self.max_len = list(head or []), model_config.max_seq_len
+
+    def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        # batch: (B, T + 1) windows; the targets are tokens 1 ... T
+        if not self.head:
+            return {"idx": batch[:, :-1], "targets": batch[:, 1:]}
+        head = torch.tensor(self.head, dtype=batch.dtype, device=batch.device).expand(batch.size(0), -1)
+        if self.encoder_decoder:
+            return {"idx": batch[:, :-1], "targets": batch[:, 1:], "encoder_ids": head}
+        return after_head(head, batch, self.max_len)
+
+
+def after_head(head: torch.Tensor, batch: torch.Tensor, max_len: int) -> dict[str, torch.Tensor]:
+    """Decoder-only: `head` (B, h) then the windows (B, T + 1), scored on the windows' tokens 1 ...
+    T; if h + T exceeds max_len, the windows' first tokens are dropped to fit."""
+    drop = max(0, head.size(1) + batch.size(1) - 1 - max_len)
+    batch = batch[:, drop:]
+    ignored = torch.full_like(head, IGNORE_INDEX)
+    return {"idx": torch.cat((head, batch[:, :-1]), dim=1), "targets": torch.cat((ignored, batch[:, 1:]), dim=1)}
+
+
+class Continuation:
+    """An evaluation layout: the loss on each window's second half given its first, read as the
+    run's objective trains it. A causal decoder reads the first half as causal context. A decoder
+    trained with a denoising objective (`prefix_lm`) reads `head` and the first half as a prefix,
+    both ways, as the S-denoiser trains it; an encoder-decoder reads them in its encoder and its
+    decoder writes the second half after <eos>. The scored tokens are the same in every layout, so
+    all compare."""
+
+    def __init__(self, model_config, eos_id: int, head: list[int] | None = None, prefix_lm: bool = False):
+        self.encoder_decoder = model_config.arch == "encoder_decoder"
+        self.eos_id, self.head, self.prefix_lm = eos_id, list(head or []), prefix_lm
+        self.max_len = model_config.max_seq_len
 
     def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         # batch: (B, T + 1) windows; the targets are tokens half + 1 ... T
-        half = (batch.size(1) - 1) // 2
-        targets = batch[:, 1:].clone()
-        if not self.encoder_decoder:
-            targets[:, :half] = -100
-            return {"idx": batch[:, :-1], "targets": targets}
-        b = batch.size(0)
+        b, half = batch.size(0), (batch.size(1) - 1) // 2
         head = torch.tensor(self.head, dtype=batch.dtype, device=batch.device).expand(b, -1)
-        start = torch.full((b, 1), self.eos_id, dtype=batch.dtype, device=batch.device)
-        return {"idx": torch.cat((start, batch[:, half + 1 : -1]), dim=1), "targets": targets[:, half:],
-                "encoder_ids": torch.cat((head, batch[:, : half + 1]), dim=1)}
+        if self.encoder_decoder:
+            start = torch.full((b, 1), self.eos_id, dtype=batch.dtype, device=batch.device)
+            return {"idx": torch.cat((start, batch[:, half + 1 : -1]), dim=1), "targets": batch[:, half + 1 :],
+                    "encoder_ids": torch.cat((head, batch[:, : half + 1]), dim=1)}
+        if not self.prefix_lm:
+            head = head[:, :0]
+        inputs = after_head(head, batch, self.max_len)
+        first = inputs["idx"].size(1) - (batch.size(1) - 1 - half)  # the position of token `half`
+        inputs["targets"][:, :first] = IGNORE_INDEX
+        if self.prefix_lm:  # the prefix ends with token `half`, whose position predicts the first target
+            inputs["prefix"] = torch.full((b,), first + 1, dtype=torch.long, device=batch.device)
+        return inputs
 
 
 def context_sweep(model, store: TokenStore, contexts: list[int], tokens: int, batch_tokens: int,
                   device: torch.device, dtype: torch.dtype = torch.float32,
-                  encoder_input: list[int] | None = None) -> list[dict]:
+                  head: list[int] | None = None) -> list[dict]:
     """`evaluate` at each context length on the same first `tokens` tokens of `store`, cut into
     non-overlapping windows of that length (Press et al.'s non-overlapping evaluation: every
     token is scored once, with the tokens before it in its window as context).
@@ -100,8 +136,7 @@ def context_sweep(model, store: TokenStore, contexts: list[int], tokens: int, ba
             raise UserError(f"--context {context}: the evaluation text has only {store.n_tokens} tokens")
         batch = max(1, batch_tokens // context)
         windows = max(1, tokens // context)
-        result = evaluate(model, store, context, batch, None, device, dtype, max_windows=windows,
-                          encoder_input=encoder_input)
+        result = evaluate(model, store, context, batch, None, device, dtype, max_windows=windows, head=head)
         results.append({"context": context, **result})
     return results
 

@@ -22,6 +22,31 @@ class Run:
     config: Config
     checkpoint: Path
 
+    def prompt_ids(self, prompt: str, system: str | None = None) -> tuple[list[int], list[int] | None]:
+        """A prompt laid out as this run's objective trained the model: (the ids to continue, the
+        encoder's ids or None). A decoder-only model reads the objective's mode head first (a UL2
+        run's [S2S], as its S and C examples start); an encoder-decoder's encoder reads `system`
+        after it and its decoder starts from <eos>. `system` on a decoder-only run is refused."""
+        from stacklm.registry import OBJECTIVE
+
+        tok, m = self.tokenizer, self.config.model
+        objective = OBJECTIVE.build(self.config.train.objective, tok, m)
+        encoder = None
+        if m.arch == "encoder_decoder":
+            encoder = objective.encoder_input(tok.encode(system or "")) or None
+            if encoder is not None and len(encoder) > m.max_seq_len:
+                raise UserError(f"the system prompt is {len(encoder)} tokens; this model reads at most "
+                                f"{m.max_seq_len}")
+            ids = [tok.eos_id, *tok.encode(prompt)]  # the decoder starts from <eos>, as in training
+        elif system is not None:
+            raise UserError("--system is read by an encoder; this run is decoder-only (model.arch=decoder): "
+                            "put the text in --prompt")
+        else:
+            ids = objective.mode_head() + tok.encode(prompt) or [tok.eos_id]  # <eos> also starts a document
+        if len(ids) >= m.max_seq_len:
+            raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {m.max_seq_len}")
+        return ids, encoder
+
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, overrides: list[str] | None = None) -> Run:

@@ -28,9 +28,15 @@ class Objective:
     def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def mode_head(self) -> list[int]:
+        """The tokens that put a model trained with this objective in its language-model mode,
+        read before plain text: by an encoder-decoder's encoder, before the text by a decoder-only
+        model. Nothing for causal LM; UL2 with mode tokens: [S2S]."""
+        return []
+
     def encoder_input(self, ids: list[int]) -> list[int]:
         """What an encoder-decoder's encoder reads for a text's `ids` (a system prompt)."""
-        return list(ids)
+        return self.mode_head() + list(ids)
 
     def loss(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean loss over the batch's target tokens, and how many there are (data-parallel

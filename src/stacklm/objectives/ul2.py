@@ -290,9 +290,11 @@ class Denoising(Objective):
         return {"idx": decoder[:, :-1].to(device), "targets": targets.to(device),
                 "encoder_ids": encoder.to(device), "encoder_lengths": lengths.to(device)}
 
-    def encoder_input(self, ids: list[int]) -> list[int]:
-        """The text as the S-denoiser's prefix: [S2S] first if mode tokens are on."""
-        return self.head(Denoiser("S")) + list(ids)
+    def mode_head(self) -> list[int]:
+        """The S-denoiser's paradigm token ([S2S]) if mode tokens are on: S and C examples start
+        with it, so a decoder-only model reads plain text after it, and an encoder reads a
+        system prompt after it."""
+        return self.head(Denoiser("S"))
 
 
 def pad(rows: list[np.ndarray], value: int) -> torch.Tensor:

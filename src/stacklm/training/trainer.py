@@ -231,7 +231,7 @@ def _train(config: Config, info: Dist, device: torch.device, resume: bool, overw
 
     def validate() -> dict:
         val = evaluate(model, data.val, seq_len, config.eval.batch_size, tcfg.eval_batches, device,
-                       autocast_dtype, info, encoder_input=objective.encoder_input([]))
+                       autocast_dtype, info, head=objective.mode_head())
         metrics.log(step, "val", **val, trained_tokens=trained_tokens)
         return val
 
