@@ -17,11 +17,14 @@ FLOPs per token, each token going through one of the two stacks (T5, Raffel et a
 each model's training FLOPs per window, padding included, measured on 256 held-out windows.
 
 Reported, all on held-out windows of 256 tokens:
-- causal loss: next-token loss over the window; an encoder-decoder's decoder reads an empty
-  encoder input (nothing but the [S2S] mode token when the run uses mode tokens);
+- causal loss: next-token loss over the window, each model in its language-model mode
+  (`stacklm.evaluate.NextToken`): a decoder-only UL2 model reads the [S2S] mode token before the
+  window (its S and C examples start with it), an encoder-decoder's decoder reads an empty
+  encoder input (nothing but [S2S] when the run uses mode tokens);
 - continuation loss: the loss on the second half of each window given the first
-  (`stacklm.evaluate.Continuation`): the decoder-only models read the first half as causal
-  context, the encoder-decoders in their encoder;
+  (`stacklm.evaluate.Continuation`): the causal model reads the first half as causal context, the
+  decoder-only UL2 models as the S-denoiser's prefix ([S2S], then both ways), the
+  encoder-decoders in their encoder;
 - infilling, two ways, each scoring the first corrupted span of N held-out windows: exact match
   of the whole span, and the share of its tokens right. The causal model continues the span's
   left context greedily; the denoising models read the corrupted window ([NLU] then the window
