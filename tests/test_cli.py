@@ -130,12 +130,17 @@ def test_encoder_decoder_train_generate_eval_resume(args, tmp_path, objective, c
 
     real = stacklm.inference.generate
     monkeypatch.setattr(stacklm.inference, "generate", spy)
+    monkeypatch.setattr(stacklm, "generate", spy)  # generate_text's
     assert main(["generate", run, "--system", "def add(a, b):", "--prompt", "    return",
                  "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("    return")
     tok = stacklm.load_run(run).tokenizer
     modes = [tok.token_id("[S2S]")] if objective == "ul2" else []  # the S-denoiser's input layout
-    assert seen == {"encoder": modes + tok.encode("def add(a, b):"), "prompt": [tok.eos_id, *tok.encode("    return")]}
+    expected = {"encoder": modes + tok.encode("def add(a, b):"), "prompt": [tok.eos_id, *tok.encode("    return")]}
+    assert seen == expected
+    seen.clear()
+    assert stacklm.generate_text(run, "    return", max_new_tokens=3, seed=0, system="def add(a, b):").startswith("    return")
+    assert seen == expected  # the same layout from Python
     assert main(["generate", run, "--system", "x = 1\n" * 200]) == 2
     assert "the system prompt is" in capsys.readouterr().err
     assert main(["eval", run, "--json", "--batches", "1"]) == 0
