@@ -4,10 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import stacklm
 import stacklm.inference
+import stacklm.training.trainer
 from stacklm.cli import main
+from stacklm.data import prepare_data
+from stacklm.evaluate import Continuation, evaluate
 
 
 @pytest.fixture
@@ -94,13 +98,31 @@ def test_eval_context_past_learned_positions_is_refused(args, tmp_path, capsys):
 
 @pytest.mark.parametrize("objective", ["ul2", "prefix_lm"])
 def test_train_with_a_denoising_objective(args, tmp_path, objective, capsys, monkeypatch):
+    validated = []
+
+    def spy_evaluate(*a, head=None, **kwargs):
+        validated.append(head)
+        return real_evaluate(*a, head=head, **kwargs)
+
+    real_evaluate = stacklm.training.trainer.evaluate
+    monkeypatch.setattr(stacklm.training.trainer, "evaluate", spy_evaluate)
     assert main(["train", *args, "train.steps=3", f"train.objective.kind={objective}", "eval.sample_tokens=0"]) == 0
     assert "validation after 3 steps: loss" in capsys.readouterr().out
     run = str(tmp_path / "run")
     assert main(["eval", run, "--json", "--batches", "1", "--continuation"]) == 0
     result = json.loads(capsys.readouterr().out)  # causal loss, and each denoiser's
     assert len(result["denoising"]) == 7 and result["denoising"]["S"] > 0 and "R(3, 0.15)" in result["denoising"]
-    assert result["continuation"] > 0
+    # the causal loss after the mode head, the continuation as the S-denoiser's prefix
+    loaded = stacklm.load_run(run)
+    tok, config = loaded.tokenizer, loaded.config
+    modes = [tok.token_id("[S2S]")] if objective == "ul2" else []  # UL2's language-model mode token
+    assert validated and all(head == modes for head in validated)
+    data = prepare_data(config.data, config.model.vocab_size, tok, progress=False, log=lambda m: None)
+    cpu, seq_len, batch = torch.device("cpu"), config.data.seq_len, config.eval.batch_size
+    assert result["loss"] == pytest.approx(evaluate(loaded.model, data.val, seq_len, batch, 1, cpu, head=modes)["loss"])
+    prefix_lm = Continuation(config.model, tok.eos_id, modes, prefix_lm=True)
+    assert result["continuation"] == pytest.approx(
+        evaluate(loaded.model, data.val, seq_len, batch, 1, cpu, objective=prefix_lm)["loss"])
     seen = {}
 
     def spy(model, prompt, *rest, **kwargs):
@@ -110,8 +132,6 @@ def test_train_with_a_denoising_objective(args, tmp_path, objective, capsys, mon
     real = stacklm.inference.generate
     monkeypatch.setattr(stacklm.inference, "generate", spy)
     assert main(["generate", run, "--prompt", "def f", "--max-new-tokens", "3", "--seed", "1"]) == 0
-    tok = stacklm.load_run(run).tokenizer
-    modes = [tok.token_id("[S2S]")] if objective == "ul2" else []  # UL2's language-model mode token
     assert seen["prompt"] == modes + tok.encode("def f")
 
 

@@ -32,9 +32,9 @@ def test_a_prefix_lm_reads_the_first_half_both_ways_after_its_mode_token():
     assert (s["targets"][:, :5] == -100).all() and s["targets"][:, 5:].equal(windows[:, 5:])
     # the prefix's last position (token 4) predicts token 5, the first scored
     assert s["idx"][0, s["prefix"][0] - 1] == windows[0, 4] and s["targets"][0, s["prefix"][0] - 1] == windows[0, 5]
-    # a causal decoder ignores the head: its context is plain text
+    # without prefix_lm the same tokens are read causally: no prefix
     causal = Continuation(Config.load("configs/tiny.yaml").model, eos_id=0, head=[7]).batch(windows)
-    assert causal["idx"].equal(windows[:, :-1])
+    assert causal["idx"].equal(s["idx"]) and causal["targets"].equal(s["targets"]) and "prefix" not in causal
 
 
 def test_next_token_layout_puts_the_mode_head_before_the_window_and_scores_the_same_tokens():

@@ -188,19 +188,28 @@ def cmd_eval(args) -> None:
 
 
 def stretch(run_dir: str, overrides: list[str], contexts: list[int] | None) -> list[str]:
-    """The override that lets the model run the longest context, if it needs one."""
+    """The override that lets the model run the longest context, and the mode head a decoder-only
+    UL2 run reads before it (`NextToken`), if it needs one."""
     from stacklm.config import Config
-    from stacklm.training.trainer import CONFIG_FILE
+    from stacklm.data.tokenizer import Tokenizer
+    from stacklm.registry import OBJECTIVE
+    from stacklm.training.trainer import CONFIG_FILE, TOKENIZER_FILE
 
     if not contexts:
         return []
-    model = Config.load(os.path.join(run_dir, CONFIG_FILE), overrides).model
-    if max(contexts) <= model.max_seq_len:
+    config = Config.load(os.path.join(run_dir, CONFIG_FILE), overrides)
+    model, head = config.model, 0
+    if model.arch == "decoder" and config.train.objective.kind != "causal":
+        tokenizer = Tokenizer.load(os.path.join(run_dir, TOKENIZER_FILE))
+        head = len(OBJECTIVE.build(config.train.objective, tokenizer, model).mode_head())
+    if max(contexts) + head <= model.max_seq_len:
         return []
     if model.position.kind == "learned":
+        if max(contexts) <= model.max_seq_len:
+            return []  # the head takes the place of the window's first token (`after_head`)
         raise UserError(f"{run_dir}: learned positions exist for {model.max_seq_len} positions "
                         f"(model.max_seq_len); --context can go up to that")
-    return [f"model.max_seq_len={max(contexts)}"]
+    return [f"model.max_seq_len={max(contexts) + head}"]
 
 
 def print_sweep(run_dir: str, which: str, rows: list[dict], trained: int) -> None:

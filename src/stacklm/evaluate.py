@@ -33,6 +33,7 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
         n_windows = min(n_windows, max_batches * batch_size)
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
+    layout = objective or (NextToken(model.config, head) if head else None)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
@@ -46,7 +47,7 @@ def evaluate(model, store: TokenStore, seq_len: int, batch_size: int, max_batche
         first = first if counted else 0
         rows = [store.window(i, seq_len, table) for i in range(first, min(first + batch_size, n_windows))]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-        inputs = (objective or NextToken(model.config, head)).batch(batch)
+        inputs = layout.batch(batch) if layout else {"idx": batch[:, :-1], "targets": batch[:, 1:]}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**inputs)
         n = (inputs["targets"] != -100).sum() * counted
@@ -63,8 +64,8 @@ class NextToken:
     """An evaluation layout: the next-token loss over each window, after the run's `head` tokens
     (its objective's `mode_head()`). An encoder-decoder's encoder reads `head`. A decoder-only
     model reads it before the window, as a UL2 run's S and C examples start with [S2S]; the
-    scored tokens stay the window's, so models trained with any objective compare. (If `head`
-    and the window exceed max_seq_len, the window's first tokens give way.)"""
+    scored tokens stay the window's, so models trained with any objective compare (unless `head`
+    and the window exceed max_seq_len: then the window's first tokens give way, see `after_head`)."""
 
     def __init__(self, model_config, head: list[int] | None = None):
         self.encoder_decoder = model_config.arch == "encoder_decoder"
@@ -82,7 +83,8 @@ class NextToken:
 
 def after_head(head: torch.Tensor, batch: torch.Tensor, max_len: int) -> dict[str, torch.Tensor]:
     """Decoder-only: `head` (B, h) then the windows (B, T + 1), scored on the windows' tokens 1 ...
-    T; if h + T exceeds max_len, the windows' first tokens are dropped to fit."""
+    T. If h + T exceeds max_len (a window as long as the model's positions), the windows' first
+    tokens are dropped to fit, and as many fewer tokens are scored."""
     drop = max(0, head.size(1) + batch.size(1) - 1 - max_len)
     batch = batch[:, drop:]
     ignored = torch.full_like(head, IGNORE_INDEX)
@@ -91,11 +93,11 @@ def after_head(head: torch.Tensor, batch: torch.Tensor, max_len: int) -> dict[st
 
 class Continuation:
     """An evaluation layout: the loss on each window's second half given its first, read as the
-    run's objective trains it. A causal decoder reads the first half as causal context. A decoder
-    trained with a denoising objective (`prefix_lm`) reads `head` and the first half as a prefix,
-    both ways, as the S-denoiser trains it; an encoder-decoder reads them in its encoder and its
-    decoder writes the second half after <eos>. The scored tokens are the same in every layout, so
-    all compare."""
+    run's objective trains it. A decoder reads `head` (the objective's `mode_head()`, nothing for
+    causal LM) and the first half, as causal context, or with `prefix_lm` (a denoising run) as a
+    prefix, both ways, as the S-denoiser trains it. An encoder-decoder reads them in its encoder
+    and its decoder writes the second half after <eos>. The scored tokens are the same in every
+    layout, so all compare."""
 
     def __init__(self, model_config, eos_id: int, head: list[int] | None = None, prefix_lm: bool = False):
         self.encoder_decoder = model_config.arch == "encoder_decoder"
@@ -110,8 +112,6 @@ class Continuation:
             start = torch.full((b, 1), self.eos_id, dtype=batch.dtype, device=batch.device)
             return {"idx": torch.cat((start, batch[:, half + 1 : -1]), dim=1), "targets": batch[:, half + 1 :],
                     "encoder_ids": torch.cat((head, batch[:, : half + 1]), dim=1)}
-        if not self.prefix_lm:
-            head = head[:, :0]
         inputs = after_head(head, batch, self.max_len)
         first = inputs["idx"].size(1) - (batch.size(1) - 1 - half)  # the position of token `half`
         inputs["targets"][:, :first] = IGNORE_INDEX
