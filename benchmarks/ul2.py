@@ -174,7 +174,7 @@ def main() -> None:
             cases = infill_cases(data.val, args.spans or (100 if args.quick else 400), rng)
         cpu, head = torch.device("cpu"), objective.mode_head()
         causal = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, head=head)["loss"]
-        layout = Continuation(run.config.model, run.tokenizer.eos_id, head, prefix_lm=name != "causal")
+        layout = Continuation(run.config.model, run.tokenizer.eos_id, head, prefix_lm=objective.prefix_lm)
         continuation = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, objective=layout)["loss"]
         filled = {layout: infill(run, objective, layout_cases) for layout, layout_cases in cases.items()}
         scores[name] = (causal, filled["T5 spans"][0])

@@ -58,8 +58,9 @@ def test_mode_head_is_the_s_denoisers_paradigm_token(tiny, objective, modes):
     config = tiny(f"train.objective.kind={objective}",
                   *([f"train.objective.mode_tokens={str(modes).lower()}"] if objective == "ul2" else []))
     data = prepare_data(config.data, config.model.vocab_size, progress=False, log=lambda m: None)
-    head = OBJECTIVE.build(config.train.objective, data.tokenizer, config.model).mode_head()
-    assert head == ([data.tokenizer.token_id("[S2S]")] if modes else [])
+    built = OBJECTIVE.build(config.train.objective, data.tokenizer, config.model)
+    assert built.mode_head() == ([data.tokenizer.token_id("[S2S]")] if modes else [])
+    assert built.prefix_lm == (objective != "causal")  # how a decoder reads a continuation's context
 
 
 def test_evaluate_reads_the_head_first(tiny):

@@ -164,7 +164,7 @@ def cmd_eval(args) -> None:
         if args.continuation or run.config.model.arch == "encoder_decoder":
             # a denoising run reads the first half as the S-denoiser's prefix (both ways), unless
             # an evaluation override gave it an attention kind that cannot
-            prefix_lm = run.config.train.objective.kind != "causal" and run.config.model.attention.kind == "full"
+            prefix_lm = objective.prefix_lm and run.config.model.attention.kind == "full"
             layout = Continuation(run.config.model, run.tokenizer.eos_id, head, prefix_lm=prefix_lm)
             result["continuation"] = evaluate(run.model, data.val, seq_len, run.config.eval.batch_size,
                                               batches, device, objective=layout)["loss"]
@@ -199,7 +199,7 @@ def stretch(run_dir: str, overrides: list[str], contexts: list[int] | None) -> l
         return []
     config = Config.load(os.path.join(run_dir, CONFIG_FILE), overrides)
     model, head = config.model, 0
-    if model.arch == "decoder" and config.train.objective.kind != "causal":
+    if model.arch == "decoder":
         tokenizer = Tokenizer.load(os.path.join(run_dir, TOKENIZER_FILE))
         head = len(OBJECTIVE.build(config.train.objective, tokenizer, model).mode_head())
     if max(contexts) + head <= model.max_seq_len:

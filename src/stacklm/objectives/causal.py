@@ -25,6 +25,8 @@ class CausalConfig(ComponentConfig):
 class Objective:
     """What every objective provides; `batch` is its own."""
 
+    prefix_lm = False  # whether a decoder-only model reads its inputs both ways (a prefix LM)
+
     def batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

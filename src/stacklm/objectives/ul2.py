@@ -192,6 +192,8 @@ class Denoising(Objective):
     batch is corrupted the same way on every run, so resuming a run is exact without saving state.
     """
 
+    prefix_lm = True
+
     def __init__(self, options: ComponentConfig, tokenizer, model_config,
                  mixture: tuple[Denoiser, ...] | None = None):
         if mixture is not None:  # e.g. one denoiser, to score it alone
