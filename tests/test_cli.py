@@ -9,7 +9,7 @@ import torch
 import stacklm
 import stacklm.inference
 import stacklm.training.trainer
-from stacklm.cli import main
+from stacklm.cli import main, stretch
 from stacklm.data import prepare_data
 from stacklm.evaluate import Continuation, evaluate
 
@@ -123,6 +123,9 @@ def test_train_with_a_denoising_objective(args, tmp_path, objective, capsys, mon
     prefix_lm = Continuation(config.model, tok.eos_id, modes, prefix_lm=True)
     assert result["continuation"] == pytest.approx(
         evaluate(loaded.model, data.val, seq_len, batch, 1, cpu, objective=prefix_lm)["loss"])
+    # a --context as long as the model's positions leaves room for the head
+    longest = config.model.max_seq_len
+    assert stretch(run, [], [longest]) == ([f"model.max_seq_len={longest + 1}"] if modes else [])
     seen = {}
 
     def spy(model, prompt, *rest, **kwargs):
