@@ -17,11 +17,18 @@ width), so both pass each token through the same number of weights.
    the dense model's steps. With `--seeds`, the pair is trained once per seed (other initial
    weights and batch order each time) and the headline is the median over seeds; one pair moves
    with the seed as much as the twins differ, so one seed cannot say whether the target holds.
+   That reading takes the MoE's loss part way through a cosine schedule set for the dense model's
+   length, before its learning rate has come down; a model trained for fewer steps would decay it
+   by then (the cycle should match the training length: Hoffmann et al. 2022, appendix on the
+   schedule; Hagele et al. 2024). `--shorter 0.6,0.7` also trains the MoE for those fractions of the
+   steps, each with its own schedule (same warmup), and reports the shortest that ends at the
+   dense model's final loss (linear between the lengths tried, the full run the longest):
+   `steps_to_dense_loss_own_schedule`.
 
 All timed calls take turns (A B A B ...); each ratio is the median of the per-round ratios.
 
     python -m benchmarks.moe [--quick] [--skip-quality | --skip-speed] [--steps N] [--moe KEY=VALUE ...]
-                             [--both KEY=VALUE ...] [--seeds S,S,...]
+                             [--both KEY=VALUE ...] [--seeds S,S,...] [--shorter F,F,...]
 """
 
 from __future__ import annotations
@@ -130,18 +137,29 @@ def decode(rounds: int, new_tokens: int) -> list:
     return rows
 
 
-def quality(steps: int | None, eval_every: int, moe_overrides: list[str], both: list[str]) -> dict:
+def quality(steps: int | None, eval_every: int, moe_overrides: list[str], both: list[str],
+            shorter: list[float] = ()) -> dict:
+    """Validation curves {name: [(step, loss)]} of the twins trained for `steps` (None: the presets'),
+    and of the MoE trained again for each fraction f in `shorter` of those steps ("MoE f"): the same
+    warmup, its cosine ending at its own last step."""
     curves = {}
+    total = steps or stacklm.Config.load("configs/default.yaml").train.steps
+    warmup = max(1, steps // 10) if steps is not None else None
+    runs = [(name, preset, steps) for name, preset in PRESETS.items()]
+    runs += [(f"MoE {f:g}", PRESETS["MoE"], max(1, round(f * total))) for f in shorter]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, preset in PRESETS.items():
-            overrides = [f"train.out_dir={tmp}/{preset}", "train.progress=false", "eval.sample_tokens=0",
-                         f"train.eval_every={eval_every}", "train.eval_batches=10", "train.ckpt_every=0", *both]
-            if name == "MoE":
+        for name, preset, length in runs:
+            overrides = [f"train.out_dir={tmp}/{name.replace(' ', '-')}", "train.progress=false",
+                         "eval.sample_tokens=0", f"train.eval_every={eval_every}", "train.eval_batches=10",
+                         "train.ckpt_every=0", *both]
+            if preset == PRESETS["MoE"]:
                 overrides += moe_overrides
-            if steps is not None:
-                overrides += [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}"]
+            if length is not None:
+                overrides.append(f"train.steps={length}")
+            if warmup is not None:
+                overrides.append(f"train.warmup_steps={min(warmup, length)}")
             stacklm.train(stacklm.Config.load(f"configs/{preset}.yaml", overrides))
-            curves[name] = [(r["step"], r["loss"]) for r in read_metrics(f"{tmp}/{preset}", "val")]
+            curves[name] = [(r["step"], r["loss"]) for r in read_metrics(f"{tmp}/{name.replace(' ', '-')}", "val")]
             print(f"{name}: validation loss by step {curves[name]}", flush=True)
     return curves
 
@@ -161,6 +179,13 @@ def seed_list(value: str) -> list[int]:
     return [int(s) for s in value.split(",")]
 
 
+def fraction_list(value: str) -> list[float]:
+    fractions = [float(f) for f in value.split(",")]
+    if not all(0 < f < 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"fractions of the steps must lie between 0 and 1, got {value}")
+    return sorted(fractions)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and 100 training steps per model")
@@ -173,6 +198,9 @@ def main() -> None:
                         help="overrides of the MoE preset for the quality runs, e.g. model.ffn.shared_expert=true")
     parser.add_argument("--both", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of both twins for the quality runs, e.g. train.batch_size=64")
+    parser.add_argument("--shorter", type=fraction_list, default=[], metavar="F,F,...",
+                        help="also train the MoE for these fractions of the steps, each with its own schedule, "
+                             "and report the shortest that ends at the dense model's final loss")
     parser.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
                         help="train the pair once per seed (train.seed) and report the median (default: the "
                              "presets' seed, once)")
@@ -193,13 +221,22 @@ def main() -> None:
         total = steps or stacklm.Config.load("configs/default.yaml").train.steps
         seeds = args.seeds or [None]
         eval_every = args.eval_every or max(1, total // 14)
-        fractions = []
+        fractions, own = [], []
         for seed in seeds:
             both = args.both + ([f"train.seed={seed}"] if seed is not None else [])
-            curves = quality(steps, eval_every, args.moe, both)
+            curves = quality(steps, eval_every, args.moe, both, args.shorter)
             dense_final = curves["dense"][-1][1]
             reached = steps_to_reach(curves["MoE"], dense_final)
             fractions.append(reached / total if reached is not None else float("inf"))
+            if args.shorter:
+                finals = [(f, curves[f"MoE {f:g}"][-1][1]) for f in args.shorter] + [(1.0, curves["MoE"][-1][1])]
+                fraction = steps_to_reach(finals, dense_final)
+                own.append(float("inf") if fraction is None else fraction)
+                print(table([[f"{f:g}", f"{loss:.4f}", f"{loss - dense_final:+.4f}"] for f, loss in finals],
+                            ["MoE trained for this share of the steps", "final val loss", "- dense final"]))
+                print(f"with its own schedule the MoE ends at the dense model's final loss at "
+                      f"{'never' if fraction is None else f'{fraction:.3f}'} of the steps"
+                      + (" (or sooner: the shortest run tried)" if fraction == args.shorter[0] else ""), flush=True)
             print(table([[name, f"{c[-1][1]:.4f}"] for name, c in curves.items()], ["model", "final val loss"]))
             print(f"{'' if seed is None else f'seed {seed}: '}dense final validation loss {dense_final:.4f} "
                   f"after {total} steps; MoE reaches it at {'never' if reached is None else f'step {reached:.0f}'}",
@@ -208,10 +245,18 @@ def main() -> None:
             print(table([[seed, f"{f:.3f}"] for seed, f in zip(seeds, fractions, strict=True)],
                         ["seed", "steps_to_dense_loss"]))
             print(f"target <= {STEPS_TARGET} met with {sum(f <= STEPS_TARGET for f in fractions)} of {len(seeds)} seeds")
+        if args.shorter and len(seeds) > 1:
+            print(table([[seed, f"{f:.3f}"] for seed, f in zip(seeds, own, strict=True)],
+                        ["seed", "steps_to_dense_loss, own schedule"]))
         print(f"load average after: {load_average()}")
         headline("steps_to_dense_loss", median(fractions), STEPS_TARGET,
                  "fraction of the dense model's steps the MoE needs to reach its final validation loss"
                  + (f" (median of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
+        if args.shorter:
+            headline("steps_to_dense_loss_own_schedule", median(own), STEPS_TARGET,
+                     "shortest MoE run, each with its own cosine schedule (linear between the lengths tried), "
+                     "that ends at the dense model's final validation loss, over the dense model's steps"
+                     + (f" (median of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
 
 
 if __name__ == "__main__":
