@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -94,7 +95,10 @@ def load_average() -> str:
 
 
 def headline(metric: str, value: float, target: float | None, unit: str) -> None:
-    print(json.dumps({"metric": metric, "value": round(value, 4), "target": target, "unit": unit}))
+    """One JSON line; a value that is not finite (a target never reached) is null, as strict JSON has no
+    Infinity."""
+    value = round(value, 4) if math.isfinite(value) else None
+    print(json.dumps({"metric": metric, "value": value, "target": target, "unit": unit}, allow_nan=False))
 
 
 def table(rows: list[list[object]], header: list[str]) -> str:
