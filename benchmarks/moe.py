@@ -18,12 +18,12 @@ width), so both pass each token through the same number of weights.
    weights and batch order each time) and the headline is the median over seeds; one pair moves
    with the seed as much as the twins differ, so one seed cannot say whether the target holds.
    That reading takes the MoE's loss part way through a cosine schedule set for the dense model's
-   length, before its learning rate has come down; a model trained for fewer steps would decay it
-   by then (the cycle should match the training length: Hoffmann et al. 2022, appendix on the
-   schedule; Hagele et al. 2024). `--shorter 0.6,0.7` also trains the MoE for those fractions of the
-   steps, each with its own schedule (same warmup), and reports the shortest that ends at the
-   dense model's final loss (linear between the lengths tried, the full run the longest):
-   `steps_to_dense_loss_own_schedule`.
+   length. A run of its own that long decays its learning rate sooner, which can end lower (hence
+   the advice that the cycle match the training length: Hoffmann et al. 2022; Hagele et al. 2024)
+   or higher (far from trained, as at d_model 64 here: docs/benchmarks.md). `--shorter 0.6,0.7`
+   also trains the MoE for those fractions of the steps, each with its own schedule (same warmup),
+   and reports the shortest that ends at the dense model's final loss (linear between the lengths
+   tried, the full run the longest): `steps_to_dense_loss_own_schedule`.
 
 All timed calls take turns (A B A B ...); each ratio is the median of the per-round ratios.
 
