@@ -137,19 +137,19 @@ def decode(rounds: int, new_tokens: int) -> list:
     return rows
 
 
-def quality(steps: int | None, eval_every: int, moe_overrides: list[str], both: list[str],
+def quality(steps: int | None, total: int, eval_every: int, moe_overrides: list[str], both: list[str],
             shorter: list[float] = ()) -> dict:
-    """Validation curves {name: [(step, loss)]} of the twins trained for `steps` (None: the presets'),
-    and of the MoE trained again for each fraction f in `shorter` of those steps ("MoE f"): the same
-    warmup, its cosine ending at its own last step."""
+    """Validation curves {name: [(step, loss)]} of the twins trained for `steps` (None: the presets',
+    `total`), and of the MoE trained again for each fraction f in `shorter` of them ("MoE f"): the
+    same warmup, its cosine ending at its own last step."""
     curves = {}
-    total = steps or stacklm.Config.load("configs/default.yaml").train.steps
     warmup = max(1, steps // 10) if steps is not None else None
     runs = [(name, preset, steps) for name, preset in PRESETS.items()]
     runs += [(f"MoE {f:g}", PRESETS["MoE"], max(1, round(f * total))) for f in shorter]
     with tempfile.TemporaryDirectory() as tmp:
         for name, preset, length in runs:
-            overrides = [f"train.out_dir={tmp}/{name.replace(' ', '-')}", "train.progress=false",
+            out_dir = f"{tmp}/{name.replace(' ', '-')}"
+            overrides = [f"train.out_dir={out_dir}", "train.progress=false",
                          "eval.sample_tokens=0", f"train.eval_every={eval_every}", "train.eval_batches=10",
                          "train.ckpt_every=0", *both]
             if preset == PRESETS["MoE"]:
@@ -159,7 +159,7 @@ def quality(steps: int | None, eval_every: int, moe_overrides: list[str], both: 
             if warmup is not None:
                 overrides.append(f"train.warmup_steps={min(warmup, length)}")
             stacklm.train(stacklm.Config.load(f"configs/{preset}.yaml", overrides))
-            curves[name] = [(r["step"], r["loss"]) for r in read_metrics(f"{tmp}/{name.replace(' ', '-')}", "val")]
+            curves[name] = [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")]
             print(f"{name}: validation loss by step {curves[name]}", flush=True)
     return curves
 
@@ -224,7 +224,7 @@ def main() -> None:
         fractions, own = [], []
         for seed in seeds:
             both = args.both + ([f"train.seed={seed}"] if seed is not None else [])
-            curves = quality(steps, eval_every, args.moe, both, args.shorter)
+            curves = quality(steps, total, eval_every, args.moe, both, args.shorter)
             dense_final = curves["dense"][-1][1]
             reached = steps_to_reach(curves["MoE"], dense_final)
             fractions.append(reached / total if reached is not None else float("inf"))
