@@ -86,7 +86,7 @@ def test_two_ranks_match_one_process_holding_all_experts(case, tmp_path):
 
 # compiled beside DDP is in the slow suite (50 s on a 2-core Xeon): the fast one compiles beside FSDP
 @pytest.mark.parametrize("data_parallel, compiled", [("ddp", False), pytest.param("ddp", True, marks=pytest.mark.slow),
-                                                     ("fsdp", False), ("fsdp", True)],
+                                                     ("fsdp", False), pytest.param("fsdp", True, marks=pytest.mark.slow)],
                          ids=["ddp", "ddp-compiled", "fsdp", "fsdp-compiled"])
 def test_stacklm_train_with_expert_parallelism(data_parallel, compiled, tiny, tmp_path, cache_dir, torchrun_train):
     """`stacklm train ... train.expert_parallel=true` under torchrun, the rest of the model under
