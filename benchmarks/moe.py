@@ -23,18 +23,31 @@ width), so both pass each token through the same number of weights.
    or higher (far from trained, as at d_model 64 here: docs/benchmarks.md). `--shorter 0.6,0.7`
    also trains the MoE for those fractions of the steps, each with its own schedule (same warmup),
    and reports the shortest that ends at the dense model's final loss (linear between the lengths
-   tried, the full run the longest): `steps_to_dense_loss_own_schedule`.
+   tried, the full run the longest): `steps_to_dense_loss_own_schedule`. Over several seeds the
+   final-loss gaps (MoE - dense) are also summed up: mean, standard deviation, standard error.
+   `--jobs N` trains N runs at once (one process each); `--out DIR` keeps the runs and reuses the
+   finished ones on a later call with the same settings.
 
 All timed calls take turns (A B A B ...); each ratio is the median of the per-round ratios.
 
     python -m benchmarks.moe [--quick] [--skip-quality | --skip-speed] [--steps N] [--moe KEY=VALUE ...]
                              [--both KEY=VALUE ...] [--seeds S,S,...] [--shorter F,F,...]
+                             [--jobs N] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import math
+import multiprocessing
+import os
+import statistics
+import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +58,7 @@ from stacklm.device import keep_freed_memory_on_cpu
 from stacklm.model.moe import MoE
 from stacklm.training.metrics import read_metrics
 from stacklm.training.optim import param_groups
+from stacklm.training.trainer import first_difference
 
 PRESETS = {"dense": "default", "MoE": "switch-moe"}
 STEPS_TARGET = 0.7  # the issue's steps_to_dense_loss target
@@ -137,30 +151,91 @@ def decode(rounds: int, new_tokens: int) -> list:
     return rows
 
 
-def quality(steps: int | None, total: int, eval_every: int, moe_overrides: list[str], both: list[str],
-            shorter: list[float] = ()) -> dict:
-    """Validation curves {name: [(step, loss)]} of the twins trained for `steps` (None: the presets',
-    `total`), and of the MoE trained again for each fraction f in `shorter` of them ("MoE f"): the
-    same warmup, its cosine ending at its own last step."""
-    curves = {}
+def quality_runs(steps: int | None, total: int, eval_every: int, moe_overrides: list[str], both: list[str],
+                 shorter: list[float], seeds: list[int | None], jobs: int) -> list[tuple]:
+    """(seed, name, preset, overrides) of every training run: per seed the twins trained for `steps`
+    (None: the presets', `total`) and the MoE trained again for each fraction f in `shorter` of them
+    ("MoE f"): the same warmup, its cosine ending at its own last step."""
     warmup = max(1, steps // 10) if steps is not None else None
-    runs = [(name, preset, steps) for name, preset in PRESETS.items()]
-    runs += [(f"MoE {f:g}", PRESETS["MoE"], max(1, round(f * total))) for f in shorter]
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, preset, length in runs:
-            out_dir = f"{tmp}/{name.replace(' ', '-')}"
-            overrides = [f"train.out_dir={out_dir}", "train.progress=false",
-                         "eval.sample_tokens=0", f"train.eval_every={eval_every}", "train.eval_batches=10",
-                         "train.ckpt_every=0", *both]
+    threads = [f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}"] if jobs > 1 else []
+    runs = []
+    for seed in seeds:
+        lengths = [(name, preset, steps) for name, preset in PRESETS.items()]
+        lengths += [(f"MoE {f:g}", PRESETS["MoE"], max(1, round(f * total))) for f in shorter]
+        for name, preset, length in lengths:
+            overrides = ["train.progress=false", "eval.sample_tokens=0", f"train.eval_every={eval_every}",
+                         "train.eval_batches=10", "train.ckpt_every=0", *threads, *both]
+            if seed is not None:
+                overrides.append(f"train.seed={seed}")
             if preset == PRESETS["MoE"]:
                 overrides += moe_overrides
             if length is not None:
                 overrides.append(f"train.steps={length}")
             if warmup is not None:
                 overrides.append(f"train.warmup_steps={min(warmup, length)}")
-            stacklm.train(stacklm.Config.load(f"configs/{preset}.yaml", overrides))
-            curves[name] = [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")]
-            print(f"{name}: validation loss by step {curves[name]}", flush=True)
+            runs.append((seed, name, preset, overrides))
+    return runs
+
+
+# Settings that do not change what a run computes (train.threads can move the last bits of a
+# reduction, not the run's outcome): a finished run that differs only in these is reused.
+INCIDENTAL = ("out_dir", "threads", "progress")
+
+
+def finished_curve(config: stacklm.Config, out_dir: Path) -> list[tuple[int, float]] | None:
+    """The validation curve of the run already in out_dir if it has finished, None if there is no
+    run or an unfinished one; a UserError if the run there has other settings than `config`
+    (up to INCIDENTAL ones)."""
+    if not (out_dir / "config.yaml").exists():
+        return None
+    saved = stacklm.Config.load(out_dir / "config.yaml")
+    saved.train = dataclasses.replace(saved.train, **{key: getattr(config.train, key) for key in INCIDENTAL})
+    key = first_difference(saved, config)
+    if key:
+        raise stacklm.UserError(f"{out_dir} holds a run with another {key} ({getattr_dotted(saved, key)!r}, "
+                                f"not {getattr_dotted(config, key)!r}); give --out another folder")
+    curve = [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")] if (out_dir / "metrics.jsonl").exists() else []
+    return curve if curve and curve[-1][0] == config.train.steps else None
+
+
+def getattr_dotted(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def train_run(preset: str, overrides: list[str], out_dir: Path) -> list[tuple[int, float]]:
+    """Validation curve [(step, loss)] of one run, trained into out_dir unless it is already there
+    (an unfinished run with the same settings is trained again from the start)."""
+    config = stacklm.Config.load(f"configs/{preset}.yaml", [*overrides, f"train.out_dir={out_dir}"])
+    curve = finished_curve(config, out_dir)
+    if curve is None:
+        stacklm.train(config, overwrite=True)
+        curve = [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")]
+    return curve
+
+
+def quality(runs: list[tuple], out: Path, jobs: int) -> dict:
+    """Validation curves {(seed, name): [(step, loss)]}: the runs trained in turn, or `jobs` at a
+    time in processes of their own, each into out/[seed-S/]name."""
+    def out_dir(seed, name):
+        return out / ("" if seed is None else f"seed-{seed}") / name.replace(" ", "-")
+
+    def report(seed, name, curve):
+        print(f"{'' if seed is None else f'seed {seed}, '}{name}: validation loss by step {curve}", flush=True)
+
+    curves = {}
+    if jobs == 1:
+        for seed, name, preset, overrides in runs:
+            curves[seed, name] = train_run(preset, overrides, out_dir(seed, name))
+            report(seed, name, curves[seed, name])
+        return curves
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(train_run, preset, overrides, out_dir(seed, name)): (seed, name)
+                   for seed, name, preset, overrides in runs}
+        for future in as_completed(pending):
+            curves[pending[future]] = future.result()
+            report(*pending[future], curves[pending[future]])
     return curves
 
 
@@ -173,6 +248,16 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
             return step if l0 == float("inf") else s0 + (step - s0) * (l0 - target) / (l0 - loss)
         previous = (step, loss)
     return None
+
+
+def gap_summary(gaps: list[float]) -> str:
+    """The final-loss gaps (MoE - dense) of the seeds' pairs, summed up: a pair moves with its seed,
+    so what the pairs say together is their mean and its standard error (the pairs are independent)."""
+    mean, sd = statistics.mean(gaps), statistics.stdev(gaps)
+    se = sd / math.sqrt(len(gaps))
+    return (f"final loss, MoE - dense, over {len(gaps)} seeds: mean {mean:+.4f}, standard deviation {sd:.4f}, "
+            f"standard error {se:.4f} (mean +- 2 se: {mean - 2 * se:+.4f} to {mean + 2 * se:+.4f}); "
+            f"the MoE ends ahead with {sum(g < 0 for g in gaps)} of {len(gaps)} seeds")
 
 
 def seed_list(value: str) -> list[int]:
@@ -204,7 +289,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
                         help="train the pair once per seed (train.seed) and report the median (default: the "
                              "presets' seed, once)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="quality runs trained at once, each in its own process on cpu_count / N threads")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="keep the quality runs in DIR (default: a temporary folder); a finished run "
+                             "already there with the same settings is read, not trained again, so a "
+                             "many-seed reading can be stopped, resumed and extended")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     torch.manual_seed(0)
     print(f"machine: {machine()}; load average {load_average()}")
     rounds = 3 if args.quick else 7
@@ -221,11 +314,15 @@ def main() -> None:
         total = steps or stacklm.Config.load("configs/default.yaml").train.steps
         seeds = args.seeds or [None]
         eval_every = args.eval_every or max(1, total // 14)
-        fractions, own = [], []
+        runs = quality_runs(steps, total, eval_every, args.moe, args.both, args.shorter, seeds, args.jobs)
+        with contextlib.ExitStack() as stack:
+            out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            all_curves = quality(runs, out, args.jobs)
+        fractions, own, gaps = [], [], []
         for seed in seeds:
-            both = args.both + ([f"train.seed={seed}"] if seed is not None else [])
-            curves = quality(steps, total, eval_every, args.moe, both, args.shorter)
+            curves = {name: all_curves[seed, name] for s, name, *_ in runs if s == seed}
             dense_final = curves["dense"][-1][1]
+            gaps.append(curves["MoE"][-1][1] - dense_final)
             reached = steps_to_reach(curves["MoE"], dense_final)
             fractions.append(reached / total if reached is not None else float("inf"))
             if args.shorter:
@@ -242,9 +339,10 @@ def main() -> None:
                   f"after {total} steps; MoE reaches it at {'never' if reached is None else f'step {reached:.0f}'}",
                   flush=True)
         if len(seeds) > 1:
-            print(table([[seed, f"{f:.3f}"] for seed, f in zip(seeds, fractions, strict=True)],
-                        ["seed", "steps_to_dense_loss"]))
+            print(table([[seed, f"{f:.3f}", f"{g:+.4f}"] for seed, f, g in zip(seeds, fractions, gaps, strict=True)],
+                        ["seed", "steps_to_dense_loss", "final loss, MoE - dense"]))
             print(f"target <= {STEPS_TARGET} met with {sum(f <= STEPS_TARGET for f in fractions)} of {len(seeds)} seeds")
+            print(gap_summary(gaps))
         if args.shorter and len(seeds) > 1:
             print(table([[seed, f"{f:.3f}"] for seed, f in zip(seeds, own, strict=True)],
                         ["seed", "steps_to_dense_loss, own schedule"]))
@@ -260,4 +358,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except stacklm.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
