@@ -24,7 +24,7 @@ width), so both pass each token through the same number of weights.
    also trains the MoE for those fractions of the steps, each with its own schedule (same warmup),
    and reports the shortest that ends at the dense model's final loss (linear between the lengths
    tried, the full run the longest): `steps_to_dense_loss_own_schedule`. Over several seeds the
-   final-loss gaps (MoE - dense) are also summed up: mean, standard deviation, standard error.
+   final-loss gaps (MoE - dense) are also summarised: mean, standard deviation, standard error.
    `--jobs N` trains N runs at once (one process each); `--out DIR` keeps the runs and reuses the
    finished ones on a later call with the same settings.
 
@@ -188,7 +188,10 @@ def finished_curve(config: stacklm.Config, out_dir: Path) -> list[tuple[int, flo
     (up to INCIDENTAL ones)."""
     if not (out_dir / "config.yaml").exists():
         return None
-    saved = stacklm.Config.load(out_dir / "config.yaml")
+    try:
+        saved = stacklm.Config.load(out_dir / "config.yaml")
+    except stacklm.UserError as e:
+        raise stacklm.UserError(f"{e}; give --out another folder") from None
     saved.train = dataclasses.replace(saved.train, **{key: getattr(config.train, key) for key in INCIDENTAL})
     key = first_difference(saved, config)
     if key:
@@ -204,35 +207,43 @@ def getattr_dotted(obj, key: str):
     return obj
 
 
+def run_config(preset: str, overrides: list[str], out_dir: Path) -> stacklm.Config:
+    return stacklm.Config.load(f"configs/{preset}.yaml", [*overrides, f"train.out_dir={out_dir}"])
+
+
 def train_run(preset: str, overrides: list[str], out_dir: Path) -> list[tuple[int, float]]:
-    """Validation curve [(step, loss)] of one run, trained into out_dir unless it is already there
-    (an unfinished run with the same settings is trained again from the start)."""
-    config = stacklm.Config.load(f"configs/{preset}.yaml", [*overrides, f"train.out_dir={out_dir}"])
-    curve = finished_curve(config, out_dir)
-    if curve is None:
-        stacklm.train(config, overwrite=True)
-        curve = [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")]
-    return curve
+    """Validation curve [(step, loss)] of one run trained into out_dir (an unfinished run there, with
+    the same settings, is trained again from the start)."""
+    stacklm.train(run_config(preset, overrides, out_dir), overwrite=True)
+    return [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")]
 
 
 def quality(runs: list[tuple], out: Path, jobs: int) -> dict:
-    """Validation curves {(seed, name): [(step, loss)]}: the runs trained in turn, or `jobs` at a
-    time in processes of their own, each into out/[seed-S/]name."""
+    """Validation curves {(seed, name): [(step, loss)]}: the finished runs already in out read back,
+    the others trained in turn, or `jobs` at a time in processes of their own, each into
+    out/[seed-S/]name. Every run there is checked before any training starts."""
     def out_dir(seed, name):
         return out / ("" if seed is None else f"seed-{seed}") / name.replace(" ", "-")
 
     def report(seed, name, curve):
         print(f"{'' if seed is None else f'seed {seed}, '}{name}: validation loss by step {curve}", flush=True)
 
-    curves = {}
-    if jobs == 1:
-        for seed, name, preset, overrides in runs:
+    curves, todo = {}, []
+    for seed, name, preset, overrides in runs:
+        curve = finished_curve(run_config(preset, overrides, out_dir(seed, name)), out_dir(seed, name))
+        if curve is None:
+            todo.append((seed, name, preset, overrides))
+        else:
+            curves[seed, name] = curve
+            report(seed, name, curve)
+    if jobs == 1 or len(todo) <= 1:
+        for seed, name, preset, overrides in todo:
             curves[seed, name] = train_run(preset, overrides, out_dir(seed, name))
             report(seed, name, curves[seed, name])
         return curves
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {pool.submit(train_run, preset, overrides, out_dir(seed, name)): (seed, name)
-                   for seed, name, preset, overrides in runs}
+                   for seed, name, preset, overrides in todo}
         for future in as_completed(pending):
             curves[pending[future]] = future.result()
             report(*pending[future], curves[pending[future]])
@@ -251,7 +262,7 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
 
 
 def gap_summary(gaps: list[float]) -> str:
-    """The final-loss gaps (MoE - dense) of the seeds' pairs, summed up: a pair moves with its seed,
+    """The final-loss gaps (MoE - dense) of the seeds' pairs, summarised: a pair moves with its seed,
     so what the pairs say together is their mean and its standard error (the pairs are independent)."""
     mean, sd = statistics.mean(gaps), statistics.stdev(gaps)
     se = sd / math.sqrt(len(gaps))
@@ -261,13 +272,18 @@ def gap_summary(gaps: list[float]) -> str:
 
 
 def seed_list(value: str) -> list[int]:
-    return [int(s) for s in value.split(",")]
+    seeds = [int(s) for s in value.split(",")]
+    if len(set(seeds)) < len(seeds):  # one run folder per seed
+        raise argparse.ArgumentTypeError(f"a seed is repeated in {value}")
+    return seeds
 
 
 def fraction_list(value: str) -> list[float]:
     fractions = [float(f) for f in value.split(",")]
     if not all(0 < f < 1 for f in fractions):
         raise argparse.ArgumentTypeError(f"fractions of the steps must lie between 0 and 1, got {value}")
+    if len(set(fractions)) < len(fractions):
+        raise argparse.ArgumentTypeError(f"a fraction is repeated in {value}")
     return sorted(fractions)
 
 
@@ -314,10 +330,11 @@ def main() -> None:
         total = steps or stacklm.Config.load("configs/default.yaml").train.steps
         seeds = args.seeds or [None]
         eval_every = args.eval_every or max(1, total // 14)
-        runs = quality_runs(steps, total, eval_every, args.moe, args.both, args.shorter, seeds, args.jobs)
+        jobs = min(args.jobs, len(seeds) * (2 + len(args.shorter)))  # no more processes than runs
+        runs = quality_runs(steps, total, eval_every, args.moe, args.both, args.shorter, seeds, jobs)
         with contextlib.ExitStack() as stack:
             out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            all_curves = quality(runs, out, args.jobs)
+            all_curves = quality(runs, out, jobs)
         fractions, own, gaps = [], [], []
         for seed in seeds:
             curves = {name: all_curves[seed, name] for s, name, *_ in runs if s == seed}
