@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -195,16 +196,15 @@ def finished_curve(config: stacklm.Config, out_dir: Path) -> list[tuple[int, flo
     saved.train = dataclasses.replace(saved.train, **{key: getattr(config.train, key) for key in INCIDENTAL})
     key = first_difference(saved, config)
     if key:
-        raise stacklm.UserError(f"{out_dir} holds a run with another {key} ({getattr_dotted(saved, key)!r}, "
-                                f"not {getattr_dotted(config, key)!r}); give --out another folder")
-    curve = [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")] if (out_dir / "metrics.jsonl").exists() else []
+        old, new = (functools.reduce(getattr, key.split("."), c) for c in (saved, config))
+        raise stacklm.UserError(f"{out_dir} holds a run with another {key} ({old!r}, not {new!r}); "
+                                "give --out another folder")
+    curve = val_curve(out_dir) if (out_dir / "metrics.jsonl").exists() else []
     return curve if curve and curve[-1][0] == config.train.steps else None
 
 
-def getattr_dotted(obj, key: str):
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
+def val_curve(out_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")]
 
 
 def run_config(preset: str, overrides: list[str], out_dir: Path) -> stacklm.Config:
@@ -215,7 +215,7 @@ def train_run(preset: str, overrides: list[str], out_dir: Path) -> list[tuple[in
     """Validation curve [(step, loss)] of one run trained into out_dir (an unfinished run there, with
     the same settings, is trained again from the start)."""
     stacklm.train(run_config(preset, overrides, out_dir), overwrite=True)
-    return [(r["step"], r["loss"]) for r in read_metrics(out_dir, "val")]
+    return val_curve(out_dir)
 
 
 def quality(runs: list[tuple], out: Path, jobs: int) -> dict:
