@@ -2,7 +2,8 @@
 step (no optimizer) against sequence length, for full / local / lsh at one model size.
 
 The model is configs/default.yaml's (4 layers, d_model 256, 4 heads of 64) with max_seq_len
-raised to the longest length, bf16 autocast as training runs on this CPU, batch 1. `local` uses
+raised to the longest length, batch 1, in the dtype training picks on this machine (`--dtype
+auto`: bf16 autocast where bf16 is fast, float32 where it is emulated). `local` uses
 a 256-token window; `lsh` 4 hashes, 32 buckets, chunks of 64, with its exact-attention fallback
 switched off (exact_below=0) so the LSH path itself is measured.
 
@@ -11,7 +12,13 @@ switched off (exact_below=0) so the LSH path itself is measured.
 - Memory: each (kind, length) runs in a fresh process, which reports its peak resident memory
   during the step minus its resident memory just before (model, optimizer-free, inputs built);
   on a GPU (`--device cuda`), the peak of `torch.cuda.max_memory_allocated` during the step minus
-  what was allocated before it.
+  what was allocated before it. On the CPU the process runs with glibc's mmap threshold fixed
+  (MALLOC_MMAP_THRESHOLD_), so that a freed tensor's pages go back to the system at once and the
+  resident peak is the step's tensors, as the GPU figure is: with the default, adaptive
+  threshold, glibc keeps freed blocks of up to 32 MiB on its heap and reuses them only partly,
+  which added two thirds to LSH's peak at 8192 tokens and 2% to full attention's.
+- `--recompute` runs local and lsh with `model.attention.recompute=true`: their scores and
+  probabilities are computed again in the backward pass instead of kept.
 - The memory of full attention with its (T, T) scores materialised (the baseline the Reformer
   and Longformer papers compare with) is shown up to 8192 tokens for reference; stacklm's `full`
   runs PyTorch's fused kernel, whose memory grows linearly. On a GPU that baseline is SDPA
@@ -21,7 +28,7 @@ switched off (exact_below=0) so the LSH path itself is measured.
 
 memory_ratio and time_ratio are the larger of local/full and lsh/full at the longest length run.
 
-    python -m benchmarks.long_context [--quick] [--lengths 1024,2048,...] [--device cuda]
+    python -m benchmarks.long_context [--quick] [--lengths 1024,2048,...] [--device cuda] [--dtype D] [--recompute]
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -38,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import stacklm
 import stacklm.model.attention as attention
 from benchmarks.common import alternate, headline, load_average, machine, median, speedup, table
+from stacklm.device import resolve_dtype
 
 KINDS = {
     "full": ["model.attention.kind=full"],
@@ -53,22 +62,28 @@ EXPLICIT = "full, T x T scores"
 EXPLICIT_UP_TO = 8192
 
 
-def build(kind: str, length: int, device: torch.device):
-    """One training step's forward and backward (bf16 autocast) for `kind` at `length` tokens; on a
-    GPU it waits for the device, so that a timer around it measures the step."""
+RECOMPUTE = "model.attention.recompute=true"
+
+
+def build(kind: str, length: int, args: argparse.Namespace):
+    """One training step's forward and backward for `kind` at `length` tokens, in args.dtype on
+    args.device (with args.recompute for local and lsh); on a GPU it waits for the device, so that
+    a timer around it measures the step."""
+    device, dtype = args.device, args.dtype
     sdpa = contextlib.nullcontext
     if kind == EXPLICIT:
         attention.EXPLICIT_MAX_LEN = length  # this process only: the child that measures memory
         attention.BLOCK_MAX_LEN = 0  # not the block-causal path, which keeps half the scores
         sdpa = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731 -- the GPU's (T, T)-scores kernel
         kind = "full"
-    config = stacklm.Config.load("configs/default.yaml", [f"model.max_seq_len={length}", *KINDS[kind]])
+    overrides = [*KINDS[kind], RECOMPUTE] if args.recompute and kind != "full" else KINDS[kind]
+    config = stacklm.Config.load("configs/default.yaml", [f"model.max_seq_len={length}", *overrides])
     torch.manual_seed(0)
     model = stacklm.build_model(config).train().to(device)
     ids = torch.randint(0, config.model.vocab_size, (1, length + 1), device=device)
 
     def step():
-        with sdpa(), torch.autocast(device.type, dtype=torch.bfloat16):
+        with sdpa(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(ids[:, :-1], targets=ids[:, 1:])
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -86,10 +101,11 @@ def status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def child(kind: str, length: int, device: torch.device) -> None:
+def child(kind: str, length: int, args: argparse.Namespace) -> None:
     """One step in this process: print the peak memory it added, in MiB (resident memory on the
     CPU, allocated device memory on a GPU)."""
-    step = build(kind, length, device)
+    device = args.device
+    step = build(kind, length, args)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -102,9 +118,14 @@ def child(kind: str, length: int, device: torch.device) -> None:
     print(json.dumps({"extra_mb": extra}))
 
 
-def peak_memory(kind: str, length: int, device: torch.device) -> float:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.long_context", "--device", str(device),
-                          "--child", kind, str(length)], capture_output=True, text=True, check=True).stdout
+def peak_memory(kind: str, length: int, args: argparse.Namespace) -> float:
+    # 128 KiB, glibc's initial threshold: from there on every block that size or larger is mapped
+    # on its own and unmapped when freed (see the module docstring)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    flags = ["--device", str(args.device), "--dtype", str(args.dtype).removeprefix("torch.")]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.long_context", *flags, "--child", kind, str(length),
+                          *(["--recompute"] if args.recompute and kind != EXPLICIT else [])],
+                         capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["extra_mb"]
 
 
@@ -114,6 +135,10 @@ def main() -> None:
     parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu (the default) or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="auto: bfloat16 autocast where bf16 matmuls are fast, else float32 (as training)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="local and lsh with model.attention.recompute=true")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
@@ -123,11 +148,13 @@ def main() -> None:
     if device is None or device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
         parser.error(f"--device {args.device}: this machine offers cpu"
                      + (" and cuda" if torch.cuda.is_available() else " only (no CUDA device)"))
+    args.device, args.dtype = device, resolve_dtype(args.dtype, device)
     if args.child:
-        child(args.child[0], int(args.child[1]), device)
+        child(args.child[0], int(args.child[1]), args)
         return
     gpu = f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    print(f"machine: {machine()}{gpu}; load average {load_average()}", flush=True)
+    print(f"machine: {machine()}{gpu}; {args.dtype}{', recompute' if args.recompute else ''}; "
+          f"load average {load_average()}", flush=True)
     default = (1024, 2048, 4096, 8192) if args.quick else (512, 1024, 2048, 4096, 8192, 16384, 32768)
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(default)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -136,9 +163,9 @@ def main() -> None:
               "local/full time", "lsh/full time"]
     for length in lengths:
         # memory first, each in its own process, while this one holds no model or cached device memory
-        memory = {kind: peak_memory(kind, length, device) for kind in KINDS}
-        explicit = f"{peak_memory(EXPLICIT, length, device):.0f}" if length <= EXPLICIT_UP_TO else "-"
-        steps = {kind: build(kind, length, device) for kind in KINDS}
+        memory = {kind: peak_memory(kind, length, args) for kind in KINDS}
+        explicit = f"{peak_memory(EXPLICIT, length, args):.0f}" if length <= EXPLICIT_UP_TO else "-"
+        steps = {kind: build(kind, length, args) for kind in KINDS}
         times = alternate(steps, rounds if length <= 8192 else max(1, rounds - 1))
         del steps
         if device.type == "cuda":

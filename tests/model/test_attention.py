@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stacklm.config import Config
 from stacklm.model import attention
 from stacklm.model.attention import block_causal_attention, causal_attention
+from stacklm.model.transformer import build_model
 
 
 def grads(fn, *inputs):
@@ -70,9 +72,6 @@ def test_training_on_the_cpu_takes_the_block_path(monkeypatch):
 def test_training_step_traces_as_one_graph(dtype):
     """torch.compile sees the whole loss, attention included, as one graph (a graph break per
     layer cost a fifth of the compiled bf16 step)."""
-    from stacklm.config import Config
-    from stacklm.model.transformer import build_model
-
     model = build_model(Config.load("configs/tiny.yaml", ["model.max_seq_len=256"])).train()
     ids = torch.randint(0, model.config.vocab_size, (1, 201))  # two blocks of queries
 
@@ -89,3 +88,45 @@ def test_one_query_attention_equals_sdpa(kv_heads):
     q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, kv_heads, 9, 16), torch.randn(3, kv_heads, 9, 16)
     torch.testing.assert_close(attention.one_query_attention(q, k, v),
                                F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", [
+    ("model.attention.kind=local", "model.attention.window=8"),
+    ("model.attention.kind=lsh", "model.attention.exact_below=0", "model.attention.chunk_size=4",
+     "model.attention.n_buckets=4"),
+])
+def test_recompute_gives_the_same_gradients_and_keeps_less(kind):
+    # t5: a learned position bias inside the recomputed part; dropout: the same mask drawn again
+    overrides = ["model.max_seq_len=64", "model.position.kind=t5", "model.dropout=0.1", *kind]
+    x = torch.randint(0, 512, (2, 41))
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = build_model(Config.load("configs/tiny.yaml", [*overrides, f"model.attention.recompute={recompute}"]))
+        m.position.table.data.normal_()  # the table starts at zero: give the bias something to do
+        torch.manual_seed(1)
+        loss = m(x[:, :-1], targets=x[:, 1:])
+        loss.backward()
+        h = torch.randn(2, 40, 64, requires_grad=True)  # one attention layer alone, for what it keeps
+        _, saved = saved_bytes(lambda m=m, h=h: m.blocks[0].attn(h, m.position))
+        results.append((loss, saved, {n: p.grad for n, p in m.named_parameters()}))
+    (loss, saved, grads), (loss_r, saved_r, grads_r) = results
+    torch.testing.assert_close(loss_r, loss)
+    assert grads_r.keys() == grads.keys()
+    for name, g in grads.items():
+        assert g is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(grads_r[name], g, msg=name)
+    assert saved_r < 0.8 * saved

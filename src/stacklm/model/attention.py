@@ -19,6 +19,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from stacklm.device import compute_dtype
 from stacklm.errors import UserError
@@ -56,6 +57,9 @@ class EfficientAttentionConfig(AttentionConfig):
 
     full_every: int = option(0, ge=0, help="every k-th layer (layers k-1, 2k-1, ...) uses full "
                              "attention instead (0: none)")
+    recompute: bool = option(False, help="keep only the attention core's inputs for the backward pass "
+                             "and compute its scores and probabilities again there: less memory at "
+                             "long context, more time (docs/attention.md)")
 
     def for_layer(self, layer: int) -> AttentionConfig:
         if self.full_every and (layer + 1) % self.full_every == 0:
@@ -218,6 +222,15 @@ def masked_attention(q, k, v, mask: torch.Tensor | None, dropout: float = 0.0) -
         return explicit_attention(q, k, v, mask, dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                           enable_gqa=k.size(-3) != q.size(-3))
+
+
+def recomputed(fn, *args, enabled: bool):
+    """fn(*args), its intermediate tensors computed again in the backward pass instead of kept
+    (torch.utils.checkpoint; dropout draws the same mask again) when `enabled` and a gradient is
+    being taken; otherwise a plain call."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def position_bias(position, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:

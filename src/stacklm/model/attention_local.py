@@ -21,6 +21,7 @@ from stacklm.model.attention import (
     heads,
     masked_attention,
     position_bias,
+    recomputed,
 )
 from stacklm.model.mup import attention_mult
 from stacklm.registry import ATTENTION, QKV, option
@@ -79,6 +80,7 @@ class LocalAttention(nn.Module):
         self.proj = QKV.module_class(options.qkv, "model.attention.qkv")(options, cfg)
         self.dropout = cfg.dropout
         self.q_mult = attention_mult(cfg)  # muP's 1/head_dim attention; 1 otherwise
+        self.recompute = options.recompute
 
     def keys_per_query(self, seq_len: int) -> int:
         """Keys a query scores, counting FLOPs as for full attention (PaLM's seq_len)."""
@@ -146,6 +148,6 @@ class LocalAttention(nn.Module):
         band = (distance >= 0) & (distance < w)
         bias = position_bias(position, qa, kj)
         mask = band if bias is None else bias.to(q.dtype).masked_fill(~band, float("-inf"))
-        y = masked_attention(q, k, v, mask, dropout)  # (B, blocks, H, w, hd)
+        y = recomputed(masked_attention, q, k, v, mask, dropout, enabled=self.recompute)  # (B, blocks, H, w, hd)
         y = y.transpose(1, 2).flatten(2, 3)[:, :, : length - w]
         return torch.cat((y0, y), dim=2)

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from stacklm.errors import UserError
-from stacklm.model.attention import DenseQKV, EfficientAttentionConfig, heads, masked_attention, position_bias
+from stacklm.model.attention import (
+    DenseQKV,
+    EfficientAttentionConfig,
+    heads,
+    masked_attention,
+    position_bias,
+    recomputed,
+)
 from stacklm.model.mup import attention_mult
 from stacklm.registry import ATTENTION, option
 
@@ -113,6 +120,7 @@ class LSHAttention(nn.Module):
         self.proj = DenseQKV(options, cfg, shared_qk=True)
         self.dropout = cfg.dropout
         self.q_mult = attention_mult(cfg)  # muP's 1/head_dim attention; 1 otherwise
+        self.recompute = options.recompute
         # Fixed, not redrawn per batch as in Reformer, so decoding hashes a token as training did.
         generator = torch.Generator().manual_seed(options.seed)
         rotations = torch.randn(options.n_hashes, cfg.head_dim, options.n_buckets // 2, generator=generator,
@@ -176,9 +184,11 @@ class LSHAttention(nn.Module):
         q = q * q.size(-1) ** -0.5
         if t_q < t_k and t_q <= self.chunk_size:
             return self.decode(q, k, v, buckets, position)
-        # One round at a time: autograd keeps every round's probabilities either way, but the
-        # scores, masks and biases in flight before the softmax then exist for one round only.
-        rounds = [self.chunked(q, k, v, buckets[:, :, r], position) for r in range(buckets.size(2))]
+        # One round at a time: the scores, masks and biases in flight before the softmax exist for
+        # one round only. Autograd keeps every round's sorted copies and probabilities, unless they
+        # are recomputed in the backward pass (then only q, k, v and the buckets are kept).
+        rounds = [recomputed(self.chunked, q, k, v, buckets[:, :, r], position, enabled=self.recompute)
+                  for r in range(buckets.size(2))]
         y, lse = (torch.stack(parts, dim=2) for parts in zip(*rounds, strict=True))
         return combine(y, lse)
 
