@@ -90,8 +90,8 @@ def test_one_query_attention_equals_sdpa(kv_heads):
                                F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward pass while fn() runs."""
+def saved_bytes(fn):
+    """fn()'s result, and the bytes of the distinct tensors autograd keeps for its backward pass."""
     storages = {}
 
     def pack(t):
