@@ -18,7 +18,8 @@ switched off (exact_below=0) so the LSH path itself is measured.
   threshold, glibc keeps freed blocks of up to 32 MiB on its heap and reuses them only partly,
   which added two thirds to LSH's peak at 8192 tokens and 2% to full attention's.
 - `--recompute` runs local and lsh with `model.attention.recompute=true`: their scores and
-  probabilities are computed again in the backward pass instead of kept.
+  probabilities are computed again in the backward pass instead of kept. Their steps without it
+  are timed in the same rounds, and the time it costs is printed per length.
 - The memory of full attention with its (T, T) scores materialised (the baseline the Reformer
   and Longformer papers compare with) is shown up to 8192 tokens for reference; stacklm's `full`
   runs PyTorch's fused kernel, whose memory grows linearly. On a GPU that baseline is SDPA
@@ -124,7 +125,7 @@ def peak_memory(kind: str, length: int, args: argparse.Namespace) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     flags = ["--device", str(args.device), "--dtype", str(args.dtype).removeprefix("torch.")]
     out = subprocess.run([sys.executable, "-m", "benchmarks.long_context", *flags, "--child", kind, str(length),
-                          *(["--recompute"] if args.recompute and kind != EXPLICIT else [])],
+                          *(["--recompute"] if args.recompute else [])],
                          capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["extra_mb"]
 
@@ -166,6 +167,9 @@ def main() -> None:
         memory = {kind: peak_memory(kind, length, args) for kind in KINDS}
         explicit = f"{peak_memory(EXPLICIT, length, args):.0f}" if length <= EXPLICIT_UP_TO else "-"
         steps = {kind: build(kind, length, args) for kind in KINDS}
+        if args.recompute:  # the same kinds keeping their scores, timed in the same rounds
+            kept = argparse.Namespace(**{**vars(args), "recompute": False})
+            steps |= {f"{kind}, kept": build(kind, length, kept) for kind in ("local", "lsh")}
         times = alternate(steps, rounds if length <= 8192 else max(1, rounds - 1))
         del steps
         if device.type == "cuda":
@@ -175,6 +179,10 @@ def main() -> None:
                     + [f"{memory[k]:.0f}" for k in KINDS] + [explicit]
                     + [f"{last['local'][0]:.2f}", f"{last['lsh'][0]:.2f}"])
         print(table(rows[-1:], header), flush=True)
+        if args.recompute:
+            print(f"time with recompute over without, side by side: "
+                  f"local {speedup(times['local'], times['local, kept']):.2f}x, "
+                  f"lsh {speedup(times['lsh'], times['lsh, kept']):.2f}x", flush=True)
         if crossover is None and last["lsh"][0] < 1.0:
             crossover = length
     print(table(rows, header))

@@ -91,7 +91,8 @@ def test_one_query_attention_equals_sdpa(kv_heads):
 
 
 def saved_bytes(fn):
-    """fn()'s result, and the bytes of the distinct tensors autograd keeps for its backward pass."""
+    """fn()'s result, and the bytes of the distinct tensors autograd keeps for its backward pass
+    (a checkpointed part's inputs are kept outside these hooks and not counted)."""
     storages = {}
 
     def pack(t):
@@ -103,11 +104,14 @@ def saved_bytes(fn):
     return out, sum(storages.values())
 
 
-@pytest.mark.parametrize("kind", [
+RECOMPUTED_KINDS = [
     ("model.attention.kind=local", "model.attention.window=8"),
     ("model.attention.kind=lsh", "model.attention.exact_below=0", "model.attention.chunk_size=4",
      "model.attention.n_buckets=4"),
-])
+]
+
+
+@pytest.mark.parametrize("kind", RECOMPUTED_KINDS)
 def test_recompute_gives_the_same_gradients_and_keeps_less(kind):
     # t5: a learned position bias inside the recomputed part; dropout: the same mask drawn again
     overrides = ["model.max_seq_len=64", "model.position.kind=t5", "model.dropout=0.1", *kind]
@@ -130,3 +134,13 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(kind):
         assert g is not None and g.abs().sum() > 0, name
         torch.testing.assert_close(grads_r[name], g, msg=name)
     assert saved_r < 0.8 * saved
+
+
+@pytest.mark.parametrize("kind", RECOMPUTED_KINDS)
+def test_recompute_traces_as_one_graph(kind):
+    """torch.compile takes the checkpointed attention core into the step's one graph."""
+    model = build_model(Config.load("configs/tiny.yaml", ["model.max_seq_len=64", *kind,
+                                                          "model.attention.recompute=true"])).train()
+    ids = torch.randint(0, 512, (2, 41))
+    explained = torch._dynamo.explain(lambda x, y: model(x, targets=y))(ids[:, :-1], ids[:, 1:])
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
