@@ -168,7 +168,7 @@ def main() -> None:
         explicit = f"{peak_memory(EXPLICIT, length, args):.0f}" if length <= EXPLICIT_UP_TO else "-"
         steps = {kind: build(kind, length, args) for kind in KINDS}
         if args.recompute:  # the same kinds keeping their scores, timed in the same rounds
-            kept = argparse.Namespace(**{**vars(args), "recompute": False})
+            kept = argparse.Namespace(**vars(args) | {"recompute": False})
             steps |= {f"{kind}, kept": build(kind, length, kept) for kind in ("local", "lsh")}
         times = alternate(steps, rounds if length <= 8192 else max(1, rounds - 1))
         del steps
