@@ -13,8 +13,9 @@ Five models on configs/default.yaml (same width, seed, batches of windows and st
 
 An encoder-decoder with L + L layers has twice the parameters of the L-layer decoder and about its
 FLOPs per token, each token going through one of the two stacks (T5, Raffel et al. 2020, section
-3.2.2 and table 2). Its batches pad each side to the batch's longest example, so the table gives
-each model's training FLOPs per window, padding included, measured on 256 held-out windows.
+3.2.2 and table 2). Its batches are packed (`train.objective.pack`, benchmarks/ul2_packing.py),
+which leaves some padding, so the table gives each model's training FLOPs per window, padding
+included, measured on 256 held-out windows.
 
 Reported, all on held-out windows of 256 tokens:
 - causal loss: next-token loss over the window, each model in its language-model mode
@@ -80,15 +81,16 @@ def windows(store, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 @torch.no_grad()
-def window_flops(run, objective, rows: np.ndarray) -> float:
-    """Training FLOPs per window of WINDOW tokens, padding included, over batches of 16 `rows`."""
-    model = run.model
-    if run.config.model.arch == "decoder":
+def window_flops(model, objective, rows: np.ndarray) -> float:
+    """Training FLOPs per window of WINDOW tokens, padding included, over batches of 16 `rows`
+    (an encoder-decoder's as `objective` lays them out: packed or padded)."""
+    if model.config.arch == "decoder":
         return model.flops_per_token(WINDOW) * WINDOW
-    encoder, decoder = model.stack_flops(WINDOW)
     total = 0.0
     for i in range(0, len(rows), 16):
         batch = objective.batch(torch.from_numpy(rows[i : i + 16]))
+        # every query scores the row's keys: wider rows cost more attention per position
+        encoder, decoder = model.stack_flops(batch["encoder_ids"].size(1), batch["idx"].size(1))
         total += 3 * (encoder * batch["encoder_ids"].numel() + decoder * batch["idx"].numel())
     return total / len(rows)
 
@@ -178,7 +180,7 @@ def main() -> None:
         continuation = evaluate(run.model, data.val, WINDOW, 16, 40, cpu, objective=layout)["loss"]
         filled = {layout: infill(run, objective, layout_cases) for layout, layout_cases in cases.items()}
         scores[name] = (causal, filled["T5 spans"][0])
-        flops[name] = window_flops(run, objective, held_out)
+        flops[name] = window_flops(run.model, objective, held_out)
         rows.append([name, f"{flops[name] / 1e9:.2f}", f"{flops[name] / flops['causal']:.2f}", f"{causal:.4f}",
                      f"{continuation:.4f}", *(f"{v:.3f}" for layout in cases for v in filled[layout])])
         print(rows[-1], flush=True)

@@ -110,6 +110,8 @@ def test_flops_count_each_stack_per_position():
     assert decoder == 2 * in_decoder + 4 * t * d * 2 * 2
     assert model.flops_per_token(t) == 3 * (encoder + decoder) / 2
     assert model.flops_per_token(t, training=False, encoder_share=1.0) == encoder
+    # a decoder of 16 tokens: its self-attention scores 16 keys, its cross-attention still t
+    assert model.stack_flops(t, 16) == (encoder, decoder - 4 * (t - 16) * d * 2)
 
 
 def test_encoder_takes_bidirectional_options_and_decoder_causal_ones():

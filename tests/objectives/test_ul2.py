@@ -7,11 +7,13 @@ from hypothesis import strategies as st
 from stacklm.config import Config
 from stacklm.data.tokenizer import Tokenizer
 from stacklm.errors import UserError
+from stacklm.model.transformer import build_model
 from stacklm.objectives.ul2 import (
     UL2_MIXTURE,
     UL2R_MIXTURE,
     Denoiser,
     fill_sentinels,
+    pack_rows,
     prefix_noise_mask,
     random_spans_noise_mask,
     sample_denoiser,
@@ -181,7 +183,7 @@ def test_encoder_decoder_layout_restores_the_window(tokenizer, denoiser):
 
 
 def test_encoder_decoder_batch(tokenizer):
-    ul2 = objective(tokenizer, "ul2", "model.arch=encoder_decoder")
+    ul2 = objective(tokenizer, "ul2", "model.arch=encoder_decoder", "train.objective.pack=false")
     batch = torch.randint(300, 512, (8, 65))
     out = ul2.batch(batch)
     assert set(out) == {"idx", "targets", "encoder_ids", "encoder_lengths"}
@@ -198,6 +200,92 @@ def test_encoder_decoder_batch(tokenizer):
         restored = np.concatenate((inputs, span_targets)) if enc[row, 0] == tokenizer.token_id("[S2S]") \
             else fill_sentinels(inputs, span_targets, tokenizer.sentinel_ids)
         np.testing.assert_array_equal(restored, batch[row, : len(restored)].numpy())
+
+
+def test_packed_encoder_decoder_batch_holds_every_example_once(tokenizer):
+    ul2 = objective(tokenizer, "ul2", "model.arch=encoder_decoder")
+    batch = torch.randint(300, 512, (16, 65))
+    out = ul2.batch(batch)
+    assert set(out) == {"idx", "targets", "segments", "encoder_ids", "encoder_segments", "encoder_lengths"}
+    idx, targets, segments = out["idx"], out["targets"], out["segments"]
+    enc, enc_segments = out["encoder_ids"], out["encoder_segments"]
+    assert idx.size(0) < 16  # fewer rows than examples
+    assert max(idx.size(1), enc.size(1)) <= 128  # model.max_seq_len
+    assert torch.equal(out["encoder_lengths"], (enc_segments > 0).sum(1))
+    restored = []
+    for row in range(idx.size(0)):
+        assert (enc[row][enc_segments[row] == 0] == tokenizer.pad_id).all()
+        assert (targets[row][segments[row] == 0] == -100).all()
+        for segment in range(1, int(segments[row].max()) + 1):
+            at = torch.nonzero(segments[row] == segment).flatten()
+            at_enc = torch.nonzero(enc_segments[row] == segment).flatten()
+            # each example one run on each side, in the same order on both
+            assert len(at) and len(at_enc) and torch.equal(at, torch.arange(at[0], at[-1] + 1))
+            assert torch.equal(at_enc, torch.arange(at_enc[0], at_enc[-1] + 1))
+            assert idx[row, at[0]] == tokenizer.eos_id and (targets[row, at] != -100).all()
+            assert torch.equal(targets[row, at[:-1]], idx[row, at[1:]])  # next-token labels
+            inputs, span_targets = enc[row, at_enc[1:]].numpy(), targets[row, at].numpy()
+            restored.append(np.concatenate((inputs, span_targets)) if enc[row, at_enc[0]] == tokenizer.token_id("[S2S]")
+                            else fill_sentinels(inputs, span_targets, tokenizer.sentinel_ids))
+    assert len(restored) == 16
+    for window in batch.numpy():  # each window restored from exactly one segment
+        assert sum(len(r) > 32 and np.array_equal(r, window[: len(r)]) for r in restored) == 1
+
+
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=24))
+@settings(max_examples=200, deadline=None)
+def test_pack_rows_places_each_example_once_within_the_widths(sizes):
+    rows, width_enc, width_dec = pack_rows(sizes, 128, 64)
+    assert sorted(i for row in rows for i in row) == list(range(len(sizes)))
+    assert max(s[0] for s in sizes) <= width_enc <= 128 and max(s[1] for s in sizes) <= width_dec <= 128
+    for row in rows:
+        assert sum(sizes[i][0] for i in row) <= width_enc and sum(sizes[i][1] for i in row) <= width_dec
+    padded = len(sizes) * (max(s[0] for s in sizes) + max(s[1] for s in sizes))
+    assert len(rows) * (width_enc + width_dec) <= padded * 1.25  # never much wider than padding
+
+
+def test_complementary_examples_share_rows():
+    rows, width_enc, width_dec = pack_rows([(50, 10), (10, 50)] * 4, 128, 64)
+    assert (len(rows), width_enc, width_dec) == (4, 60, 60)
+    assert all(sorted(i % 2 for i in row) == [0, 1] for row in rows)
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.position.kind=t5",), ("model.position.kind=alibi",),
+                                       ("model.position.kind=none",), ("model.n_kv_heads=1",),
+                                       ("model.encoder_layers=1", "model.attention.qkv=multiplicative"),
+                                       ("model.ffn.kind=moe", "model.ffn.dropless=true")])
+def test_packed_rows_give_the_padded_batch_loss_and_gradients(tokenizer, overrides):
+    """Each example in a packed row attends within itself and reads its own encoder input only:
+    the loss and every gradient are the padded batch's."""
+    overrides = ("model.arch=encoder_decoder", "model.dropout=0", *overrides)
+    packed, padded = objective(tokenizer, "ul2", *overrides), objective(tokenizer, "ul2", *overrides, "train.objective.pack=false")
+    torch.manual_seed(0)
+    model = build_model(Config.load("configs/tiny.yaml", ["train.objective.kind=ul2", *overrides]))
+    batch = torch.randint(300, 512, (16, 65))
+    a, b = packed.batch(batch), padded.batch(batch)
+    assert a["idx"].size(0) < b["idx"].size(0)
+    losses, grads = [], []
+    for inputs in (a, b):
+        loss = model(**inputs)
+        losses.append(loss.item())
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for ga, gb in zip(*grads, strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [("model.position.kind=learned",), ("model.attention.qkv=multiplicative_conv",),
+                                       ("model.attention.kind=local",), ("train.objective.pack=false",)])
+def test_models_that_read_across_positions_stay_padded(tokenizer, overrides):
+    ul2 = objective(tokenizer, "ul2", "model.arch=encoder_decoder", *overrides)
+    assert "segments" not in ul2.batch(torch.randint(300, 512, (8, 65)))
+
+
+def test_examples_of_one_size_stay_padded(tokenizer):
+    """T5's span corruption gives every window the same sizes: packing would save no row."""
+    t5 = objective(tokenizer, "span_corruption", "model.arch=encoder_decoder")
+    out = t5.batch(torch.randint(300, 512, (8, 65)))
+    assert "segments" not in out and out["idx"].size(0) == 8
 
 
 def test_mixture_entries_are_overridable(tokenizer):

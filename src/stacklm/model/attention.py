@@ -3,8 +3,9 @@
 An attention module takes `forward(x, position, cache, prefix)` and makes its own decode state with
 `new_cache(batch, max_len, dtype, device)`, so kinds with other state (a sliding window, a
 convolution's last inputs) keep it their own way. `prefix` (B,) holds prefix-LM prefix lengths:
-those positions are visible to every query of their sequence (only `full` supports it; objectives
-that need it refuse other kinds at config time).
+those positions are visible to every query of their sequence; or it is a (B, 1, T, T) boolean mask
+that replaces the causal one (packed rows of several sequences). Only `full` supports it;
+objectives that need it refuse other kinds at config time, or do without (packing).
 
 The projections into and out of the heads are a component of their own, chosen by
 `model.attention.qkv` from the QKV registry: `dense` here, the Scaling Transformer's sparse
@@ -112,6 +113,8 @@ class DenseQKV(nn.Module):
     With shared_qk (Reformer's shared-QK attention) there is no key projection and k is q.
     """
 
+    per_position = True  # each position's q, k, v from its own x alone (rows may be packed)
+
     def __init__(self, options: AttentionConfig, cfg, shared_qk: bool = False):
         super().__init__()
         self.shared_qk = shared_qk
@@ -158,7 +161,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, position, cache: KVCache | None = None,
                 prefix: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, T, D); prefix: (B,) prefix-LM prefix lengths, or None
+        # x: (B, T, D); prefix: (B,) prefix-LM prefix lengths, a (B, 1, T, T) mask, or None
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
         q, k, v = self.proj(x, cache.qkv_state if cache is not None else None)
@@ -181,7 +184,8 @@ def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 def causal_attention(q, k, v, bias: torch.Tensor | None, dropout: float = 0.0,
                      prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention where the queries are the last Tq of Tk positions, with an optional
-    additive position bias (..., H, Tq, Tk) and prefix-LM prefix lengths (B,)."""
+    additive position bias (..., H, Tq, Tk) and prefix-LM prefix lengths (B,) or a mask
+    (B, 1, Tq, Tk) (`attention_mask`)."""
     # q: (..., H, Tq, hd), k, v: (..., Hkv, Tk, hd) -> (..., H, Tq, hd)
     t_q, t_k = q.size(-2), k.size(-2)
     if prefix is not None:
@@ -245,9 +249,13 @@ def attention_mask(t_q: int, t_k: int, bias: torch.Tensor | None, q: torch.Tenso
                    prefix: torch.Tensor | None = None) -> torch.Tensor:
     """The causal mask (boolean), or with a position bias the additive mask (-inf where masked).
     With `prefix` (B,) (prefix-LM), sequence b's first prefix[b] positions are visible to all its
-    queries: (B, 1, Tq, Tk)."""
-    mask = causal_mask(t_q, t_k, q.device)
-    if prefix is not None:
+    queries: (B, 1, Tq, Tk). A `prefix` of (B, 1, Tq, Tk) bools is the mask itself (True: may
+    look), in place of the causal one: packed rows, several sequences each attending within itself."""
+    if prefix is not None and prefix.dim() == 4:
+        mask = prefix
+    else:
+        mask = causal_mask(t_q, t_k, q.device)
+    if prefix is not None and prefix.dim() == 1:
         mask = mask | (torch.arange(t_k, device=q.device) < prefix.view(-1, 1, 1, 1))
     if bias is None:
         return mask

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from stacklm.config import ModelConfig
-from stacklm.model.attention import full_attention, heads, masked_attention
+from stacklm.model.attention import causal_mask, full_attention, heads, masked_attention
 from stacklm.model.mup import attention_mult
 from stacklm.model.transformer import ARCHITECTURES, Block, DecodeState, Transformer, matmul_weights
 from stacklm.registry import NORM, POSITION
@@ -41,7 +41,7 @@ class Encoded:
     """The encoded input, as every decoder layer's cross-attention reads it."""
 
     h: torch.Tensor  # (B, S, D) the encoder's output
-    visible: torch.Tensor  # (B, 1, 1, S) bool: the input's real (not padding) positions
+    visible: torch.Tensor  # (B, 1, 1|T, S) bool: the input positions each decoder position reads
     present: torch.Tensor  # (B, 1, 1) bool: the input is not empty
 
 
@@ -51,7 +51,7 @@ class Memory:
 
     k: torch.Tensor  # (B, Hkv, S, hd)
     v: torch.Tensor  # (B, Hkv, S, hd)
-    visible: torch.Tensor  # (B, 1, 1, S) bool: the input's real (not padding) positions
+    visible: torch.Tensor  # (B, 1, 1|T, S) bool: the input positions each decoder position reads
     present: torch.Tensor  # (B, 1, 1) bool: the input is not empty
 
 
@@ -95,16 +95,19 @@ class DecoderBlock(Block):
         self.cross_norm = NORM.build(cfg.norm, cfg.d_model)
         self.cross_attn = CrossAttention(cfg)
 
-    def forward(self, x: torch.Tensor, position, cache=None, memory: Memory | Encoded | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position, cache=None, memory: Memory | Encoded | None = None,
+                mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """`memory`: the cross-attention keys and values a decode state keeps, or the encoded input
-        they are computed from here, in the block's own forward (where FSDP has its weights)."""
+        they are computed from here, in the block's own forward (where FSDP has its weights).
+        Packed rows: `mask` (B, 1, T, T) the positions each may attend to, `valid` (B, T) the
+        real ones."""
         # x: (B, T, D)
-        x = x + self.dropout(self.attn(self.attn_norm(x), position, cache))
+        x = x + self.dropout(self.attn(self.attn_norm(x), position, cache, mask))
         if isinstance(memory, Encoded):
             memory = self.cross_attn.memory(memory)
         if memory is not None:
             x = x + self.dropout(self.cross_attn(self.cross_norm(x), memory))
-        return x + self.dropout(self.ffn(self.ffn_norm(x), cache is not None))
+        return x + self.dropout(self.ffn(self.ffn_norm(x), cache is not None, valid))
 
 
 class Encoder(nn.Module):
@@ -118,14 +121,24 @@ class Encoder(nn.Module):
                                     for i in range(cfg.encoder_layers or cfg.n_layers))
         self.norm = NORM.build(cfg.norm, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        # x: (B, S, D), lengths: (B,) -> (B, S, D); positions past a length are padding
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, S, D), lengths: (B,) -> (B, S, D); positions past a length are padding. Packed
+        # rows: segments (B, S) numbers each position's example (0: padding), lengths unused
         x = self.drop(self.position.embed(x, 0))
-        valid = torch.arange(x.size(1), device=x.device)[None, :] < lengths[:, None]  # (B, S)
-        for block in self.blocks:
+        if segments is None:
             # a prefix-LM prefix that covers the input: each real position sees every real one
-            x = block(x, self.position, None, lengths, valid)
+            seen = lengths
+            valid = torch.arange(x.size(1), device=x.device)[None, :] < lengths[:, None]  # (B, S)
+        else:  # each position sees its own example's
+            seen, valid = same_segment(segments, segments), segments > 0
+        for block in self.blocks:
+            x = block(x, self.position, None, seen, valid)
         return self.norm(x)
+
+
+def same_segment(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Segment ids (B, Tq) and (B, Tk) -> (B, 1, Tq, Tk) bool: query and key in the same segment."""
+    return (query[:, None, :, None] == key[:, None, None, :])
 
 
 class EncoderDecoderState(DecodeState):
@@ -149,16 +162,17 @@ class EncoderDecoder(Transformer):
     def stacks(self) -> dict[str, nn.ModuleList]:
         return {"": self.blocks, "encoder.": self.encoder.blocks}
 
-    def stack_flops(self, seq_len: int) -> tuple[float, float]:
+    def stack_flops(self, seq_len: int, decoder_len: int | None = None) -> tuple[float, float]:
         """Forward matmul FLOPs per encoder position and per decoder position (PaLM's count, as
-        `Transformer.flops_per_token`; an input of seq_len tokens for the cross-attention keys). The
-        cross-attention key/value projections run once per encoder position."""
+        `Transformer.flops_per_token`) for an input of seq_len tokens (the encoder's keys and the
+        cross-attention's) and decoder_len (default seq_len) decoder tokens. The cross-attention
+        key/value projections run once per encoder position."""
         cfg = self.config
         d_attn = cfg.n_heads * cfg.head_dim
         kv = sum(b.cross_attn.kv_proj.weight.numel() for b in self.blocks)
         encoder = 2 * (matmul_weights(self.encoder.blocks) + kv) + 4 * seq_len * d_attn * len(self.encoder.blocks)
         cross = 4 * seq_len * d_attn * len(self.blocks) - 2 * kv
-        return encoder, super().flops_per_token(seq_len, training=False) + cross
+        return encoder, super().flops_per_token(decoder_len or seq_len, training=False) + cross
 
     def flops_per_token(self, seq_len: int, training: bool = True, encoder_share: float = 0.5) -> float:
         """FLOPs per position of either stack, `encoder_share` of them the encoder's. T5 (Raffel et
@@ -170,41 +184,60 @@ class EncoderDecoder(Transformer):
 
     def forward(self, idx: torch.Tensor, state: EncoderDecoderState | None = None,
                 targets: torch.Tensor | None = None, encoder_ids: torch.Tensor | None = None,
-                encoder_lengths: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+                encoder_lengths: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, encoder_segments: torch.Tensor | None = None) -> torch.Tensor:
         """`encoder_ids` (B, S), with `encoder_lengths` (B,) real tokens each (default S, the rest
-        padding), is the encoder's input; with a decode `state` it was given to `new_state`."""
+        padding), is the encoder's input; with a decode `state` it was given to `new_state`.
+
+        Packed rows (training several examples in a row): `segments` (B, T) and `encoder_segments`
+        (B, S) number each position's example, 1, 2, ... (0: padding). A decoder position then
+        attends causally within its example and reads only its example's input, which must not be
+        empty; with relative positions each example is read as if alone in its row."""
         # idx: (B, T) -> logits (B, T, V); with targets: (B, T) -> scalar loss
         if prefix is not None:
             raise ValueError("prefix is the decoder-only prefix-LM layout; an encoder-decoder reads "
                              "the prefix with its encoder (encoder_ids)")
         if state is not None and (encoder_ids is not None or encoder_lengths is not None):
             raise ValueError("the decode state holds the encoded input; give encoder_ids to new_state")
+        if (segments is None) != (encoder_segments is None) or (segments is not None and state is not None):
+            raise ValueError("packed rows take segments and encoder_segments together, and no decode state")
+        mask = valid = None
         if state is None:
-            encoded = self.encoded(encoder_ids, encoder_lengths)
+            encoded = self.encoded(encoder_ids, encoder_lengths, encoder_segments, segments)
             caches, memories = [None] * len(self.blocks), [encoded] * len(self.blocks)
+            if segments is not None:
+                causal = causal_mask(idx.size(1), idx.size(1), idx.device)
+                mask, valid = same_segment(segments, segments) & causal, segments > 0
         else:
             caches, memories = state.layers, state.memories or [None] * len(self.blocks)
         start = self.start(idx, state)
         x = self.drop(self.position.embed(self.embed(idx), start))
         for block, cache, memory in zip(self.blocks, caches, memories, strict=True):
-            x = block(x, self.position, cache, memory)
+            x = block(x, self.position, cache, memory, mask, valid)
         return self.head(x, idx, state, targets)
 
-    def encode(self, encoder_ids: torch.Tensor, encoder_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, encoder_ids: torch.Tensor, encoder_lengths: torch.Tensor | None = None,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's output h (B, S, D) for ids (B, S) of which the first `encoder_lengths`
-        (default all S) are real."""
+        (default all S) are real, or packed rows with `segments` (B, S) (see `forward`)."""
         b, s = encoder_ids.shape
         if s > self.config.max_seq_len:
             raise ValueError(f"encoder input of {s} tokens exceeds model.max_seq_len ({self.config.max_seq_len})")
         if encoder_lengths is None:
             encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
-        return self.encoder(self.embed(encoder_ids), encoder_lengths)
+        return self.encoder(self.embed(encoder_ids), encoder_lengths, segments)
 
-    def encoded(self, encoder_ids: torch.Tensor | None, encoder_lengths: torch.Tensor | None) -> Encoded | None:
+    def encoded(self, encoder_ids: torch.Tensor | None, encoder_lengths: torch.Tensor | None,
+                encoder_segments: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> Encoded | None:
         """The encoded input with its masks; None when empty."""
         if encoder_ids is None or encoder_ids.size(1) == 0:
             return None
         b, s = encoder_ids.shape
+        if encoder_segments is not None:
+            h = self.encode(encoder_ids, segments=encoder_segments)
+            # decoder padding (segment 0) reads the whole row, so that no query has nothing to read
+            visible = same_segment(segments, encoder_segments) | (segments == 0)[:, None, :, None]
+            return Encoded(h, visible, torch.ones(b, 1, 1, dtype=torch.bool, device=h.device))
         if encoder_lengths is None:
             encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
         h = self.encode(encoder_ids, encoder_lengths)

@@ -90,6 +90,9 @@ class Position(nn.Module):
     """No position information (NoPE): causal attention alone orders the tokens."""
 
     has_bias = False  # whether `bias` returns a tensor; attention skips the distances otherwise
+    # whether attention sees positions only through their differences, so that a sequence packed
+    # after others in a row (its positions shifted) is read as if it stood alone
+    relative = True
 
     def __init__(self, options: ComponentConfig, cfg):
         super().__init__()
@@ -108,6 +111,8 @@ class Position(nn.Module):
 class LearnedPosition(Position):
     """A learned vector per absolute position added to the token embedding (GPT-2). Positions the
     training never reached keep their random initialisation, so the model does not extrapolate."""
+
+    relative = False
 
     def __init__(self, options: ComponentConfig, cfg):
         super().__init__(options, cfg)

@@ -106,6 +106,8 @@ class ConvState:
 class MultiplicativeConvQKV(nn.Module):
     """A shared multiplicative layer, then a causal (position x module) convolution per q, k, v."""
 
+    per_position = False  # the convolution reads the positions before each
+
     def __init__(self, options, cfg):
         super().__init__()
         d, s = cfg.d_model, options.qkv_sparsity or cfg.n_heads
