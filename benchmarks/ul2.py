@@ -13,9 +13,10 @@ Five models on configs/default.yaml (same width, seed, batches of windows and st
 
 An encoder-decoder with L + L layers has twice the parameters of the L-layer decoder and about its
 FLOPs per token, each token going through one of the two stacks (T5, Raffel et al. 2020, section
-3.2.2 and table 2). Its batches are packed (`train.objective.pack`, benchmarks/ul2_packing.py),
-which leaves some padding, so the table gives each model's training FLOPs per window, padding
-included, measured on 256 held-out windows.
+3.2.2 and table 2). Its batches leave some padding (packed since 2026-12-01,
+`train.objective.pack`; each side padded to its longest example before, as in the table of
+2026-11-29 in docs/benchmarks.md), so the table gives each model's training FLOPs per window,
+padding included, measured on 256 held-out windows.
 
 Reported, all on held-out windows of 256 tokens:
 - causal loss: next-token loss over the window, each model in its language-model mode
@@ -41,7 +42,7 @@ Reported, all on held-out windows of 256 tokens:
 Headlines, for each UL2 model: causal loss / the causal model's (target <= 1.03) and T5-span
 infilling exact match - the causal model's (target: clearly > 0).
 
-    python -m benchmarks.ul2 [--quick] [--reuse] [--out runs/ul2]
+    python -m benchmarks.ul2 [--quick] [--reuse] [--out runs/ul2] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -159,10 +160,13 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="score the runs already in --out")
     parser.add_argument("--out", default="runs/ul2")
     parser.add_argument("--spans", type=int, default=None, help="infilling cases (default 400)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every model, e.g. a larger run on a GPU: "
+                             "--set model.d_model=512 model.n_layers=8 train.steps=20000")
     args = parser.parse_args()
     print(f"machine: {machine()}; load average {load_average()}")
     out = Path(args.out)
-    names = variants()
+    names = {name: [*overrides, *args.set] for name, overrides in variants().items()}
     train_variants(out, names, args.quick, args.reuse)
     rng = np.random.default_rng(0)
     rows, scores, flops, cases, held_out = [], {}, {}, None, None

@@ -3,7 +3,7 @@
 An encoder-decoder example puts part of a window in the encoder and the rest in the decoder, in
 shares that vary with its denoiser (an R example reads most of the window in its encoder, an X
 example half, an S example a random share). Padded, each side of a batch is as wide as its longest
-example, so about half of a UL2 batch is padding. Packed, examples share rows, each attending
+example, so about a third of a UL2 batch is padding. Packed, examples share rows, each attending
 within itself and reading only its own encoder input (`stacklm.objectives.ul2.pack_rows`).
 
 For configs/default.yaml's encoder-decoder (4 + 4 layers), trained with UL2's mixture and with
@@ -12,8 +12,9 @@ split, each laid out both ways:
 - positions per window (encoder + decoder), and the share of them that are real tokens;
 - training FLOPs per window, padding included, against the causal decoder's (4 layers): the UL2
   benchmark's "same compute";
-- the training step (forward and backward, one fresh model) timed in turns, padded then packed
-  and packed then padded, the speedup the median of the per-batch time ratios;
+- the training step (laying out the batch, forward and backward, one fresh model) timed in
+  turns, padded then packed and packed then padded, the speedup the median of the per-batch
+  time ratios;
 - the loss of each layout, which must agree (the same examples and weights).
 
     python -m benchmarks.ul2_packing [--quick] [--batches N] [--rounds N]
@@ -35,9 +36,17 @@ from stacklm.model.transformer import build_model
 from stacklm.registry import OBJECTIVE
 
 
-def train_step(model, batch: dict[str, torch.Tensor]) -> None:
+def train_step(model, objective, windows: torch.Tensor) -> None:
+    """One forward and backward pass, laying out the batch included (packing chooses its rows)."""
     model.zero_grad(set_to_none=True)
-    model(**batch).backward()
+    model(**objective.batch(windows)).backward()
+
+
+def encoder_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The real (not padding) encoder tokens of a padded or a packed batch."""
+    if "encoder_segments" in batch:
+        return int((batch["encoder_segments"] > 0).sum())
+    return int(batch["encoder_lengths"].sum())
 
 
 def main() -> None:
@@ -67,14 +76,14 @@ def main() -> None:
         ratios = []
         for i in range(len(batches)):
             for order in (("padded", "packed"), ("packed", "padded")):  # each layout first half the time
-                times = alternate({layout: functools.partial(train_step, model, inputs[layout][i])
+                times = alternate({layout: functools.partial(train_step, model, layouts[layout], batches[i])
                                    for layout in order}, args.rounds)
                 ratios.append(speedup(times["padded"], times["packed"]))
         with torch.no_grad():
             losses = {layout: float(np.mean([model(**x).item() for x in inputs[layout]])) for layout in layouts}
         for layout, objective in layouts.items():
             positions = sum(x["idx"].numel() + x["encoder_ids"].numel() for x in inputs[layout]) / len(rows_held_out)
-            real = sum(int((x["targets"] != -100).sum()) + int(x["encoder_lengths"].sum()) for x in inputs[layout])
+            real = sum(int((x["targets"] != -100).sum()) + encoder_tokens(x) for x in inputs[layout])
             flops = window_flops(model, objective, rows_held_out)
             figures[objective_kind, layout] = flops / causal_flops
             rows.append([f"encdec {objective_kind}", layout, f"{positions:.0f}",

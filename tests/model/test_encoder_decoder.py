@@ -148,6 +148,23 @@ def test_bad_configs_are_refused(overrides, message):
         config(*overrides)
 
 
+def test_packed_rows_keep_examples_apart():
+    """Two examples in one row read as each alone, and a second example with an empty input (no
+    encoder segment of its own) is a plain language model, as an empty input is unpacked."""
+    model = small("model.position.kind=t5")
+    enc, lengths, dec = inputs(b=1, s=12, t=16, lengths=(12,))
+    alone = model(dec[:, :10], encoder_ids=enc[:, :7])
+    empty = model(dec[:, 10:])
+    segments = torch.tensor([[1] * 10 + [2] * 5 + [0]])
+    encoder_segments = torch.tensor([[1] * 7 + [0] * 5])
+    packed = model(dec, encoder_ids=enc, segments=segments, encoder_segments=encoder_segments)
+    torch.testing.assert_close(packed[:, :10], alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed[:, 10:15], empty[:, :5], rtol=1e-4, atol=1e-5)
+    assert packed.isfinite().all()  # the padding position too
+    with pytest.raises(ValueError, match="segments and encoder_segments together"):
+        model(dec, encoder_ids=enc, segments=segments)
+
+
 def test_prefix_and_an_encoded_state_are_refused():
     model = small()
     enc, lengths, x = inputs()

@@ -42,7 +42,7 @@ class Encoded:
 
     h: torch.Tensor  # (B, S, D) the encoder's output
     visible: torch.Tensor  # (B, 1, 1|T, S) bool: the input positions each decoder position reads
-    present: torch.Tensor  # (B, 1, 1) bool: the input is not empty
+    present: torch.Tensor  # (B, 1|T, 1) bool: the input (packed: the position's own) is not empty
 
 
 @dataclasses.dataclass
@@ -52,7 +52,7 @@ class Memory:
     k: torch.Tensor  # (B, Hkv, S, hd)
     v: torch.Tensor  # (B, Hkv, S, hd)
     visible: torch.Tensor  # (B, 1, 1|T, S) bool: the input positions each decoder position reads
-    present: torch.Tensor  # (B, 1, 1) bool: the input is not empty
+    present: torch.Tensor  # (B, 1|T, 1) bool: the input (packed: the position's own) is not empty
 
 
 class CrossAttention(nn.Module):
@@ -121,18 +121,18 @@ class Encoder(nn.Module):
                                     for i in range(cfg.encoder_layers or cfg.n_layers))
         self.norm = NORM.build(cfg.norm, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None, segments: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, S, D), lengths: (B,) -> (B, S, D); positions past a length are padding. Packed
         # rows: segments (B, S) numbers each position's example (0: padding), lengths unused
         x = self.drop(self.position.embed(x, 0))
         if segments is None:
-            # a prefix-LM prefix that covers the input: each real position sees every real one
-            seen = lengths
+            # as a prefix-LM prefix (B,) that covers the input: each real position sees every real one
+            visible = lengths
             valid = torch.arange(x.size(1), device=x.device)[None, :] < lengths[:, None]  # (B, S)
-        else:  # each position sees its own example's
-            seen, valid = same_segment(segments, segments), segments > 0
+        else:  # as a mask (B, 1, S, S): each position sees its own example's
+            visible, valid = same_segment(segments, segments), segments > 0
         for block in self.blocks:
-            x = block(x, self.position, None, seen, valid)
+            x = block(x, self.position, None, visible, valid)
         return self.norm(x)
 
 
@@ -191,8 +191,8 @@ class EncoderDecoder(Transformer):
 
         Packed rows (training several examples in a row): `segments` (B, T) and `encoder_segments`
         (B, S) number each position's example, 1, 2, ... (0: padding). A decoder position then
-        attends causally within its example and reads only its example's input, which must not be
-        empty; with relative positions each example is read as if alone in its row."""
+        attends causally within its example and reads only its example's input (nothing if that
+        is empty); with relative positions each example is read as if alone in its row."""
         # idx: (B, T) -> logits (B, T, V); with targets: (B, T) -> scalar loss
         if prefix is not None:
             raise ValueError("prefix is the decoder-only prefix-LM layout; an encoder-decoder reads "
@@ -223,7 +223,7 @@ class EncoderDecoder(Transformer):
         b, s = encoder_ids.shape
         if s > self.config.max_seq_len:
             raise ValueError(f"encoder input of {s} tokens exceeds model.max_seq_len ({self.config.max_seq_len})")
-        if encoder_lengths is None:
+        if encoder_lengths is None and segments is None:
             encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
         return self.encoder(self.embed(encoder_ids), encoder_lengths, segments)
 
@@ -235,9 +235,11 @@ class EncoderDecoder(Transformer):
         b, s = encoder_ids.shape
         if encoder_segments is not None:
             h = self.encode(encoder_ids, segments=encoder_segments)
-            # decoder padding (segment 0) reads the whole row, so that no query has nothing to read
-            visible = same_segment(segments, encoder_segments) | (segments == 0)[:, None, :, None]
-            return Encoded(h, visible, torch.ones(b, 1, 1, dtype=torch.bool, device=h.device))
+            own = same_segment(segments, encoder_segments) & (segments > 0)[:, None, :, None]  # (B, 1, T, S)
+            present = own.any(-1, keepdim=True)  # (B, 1, T, 1)
+            # a position with no input of its own (padding) reads the whole row, so that no softmax
+            # is over nothing, and `present` zeroes what it reads
+            return Encoded(h, own | ~present, present.squeeze(1))
         if encoder_lengths is None:
             encoder_lengths = torch.full((b,), s, device=encoder_ids.device)
         h = self.encode(encoder_ids, encoder_lengths)

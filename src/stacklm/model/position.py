@@ -91,7 +91,8 @@ class Position(nn.Module):
 
     has_bias = False  # whether `bias` returns a tensor; attention skips the distances otherwise
     # whether attention sees positions only through their differences, so that a sequence packed
-    # after others in a row (its positions shifted) is read as if it stood alone
+    # after others in a row (its positions shifted) is read as if it stood alone; a new kind that
+    # uses absolute positions must set it False (as `learned` does), or packed rows will differ
     relative = True
 
     def __init__(self, options: ComponentConfig, cfg):

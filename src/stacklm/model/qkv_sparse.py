@@ -69,6 +69,8 @@ class MultiplicativeDense(nn.Module):
 class MultiplicativeQKV(nn.Module):
     """q, k, v and the output projection are four multiplicative layers."""
 
+    per_position = True  # each position's q, k, v from its own x alone (rows may be packed)
+
     def __init__(self, options, cfg):
         super().__init__()
         d, s = cfg.d_model, options.qkv_sparsity or cfg.n_heads
