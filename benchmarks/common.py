@@ -112,9 +112,10 @@ def table(rows: list[list[object]], header: list[str]) -> str:
 QUICK_MODEL = ["model.d_model=128", "model.n_layers=2", "train.steps=100", "train.warmup_steps=10"]
 
 
-def train_variants(out, variants: dict[str, list[str]], quick: bool, reuse: bool) -> None:
+def train_variants(out, variants: dict[str, list[str]], quick: bool, reuse: bool, extra: list[str] = ()) -> None:
     """Train configs/default.yaml with each variant's overrides into out/<name> (a smaller model
-    with `quick`); with `reuse`, skip runs that already have a checkpoint."""
+    with `quick`), then `extra` overrides for all; with `reuse`, skip runs that already have a
+    checkpoint."""
     import stacklm
     from stacklm.training.checkpoint import Checkpointer
 
@@ -123,7 +124,7 @@ def train_variants(out, variants: dict[str, list[str]], quick: bool, reuse: bool
         if reuse and Checkpointer(run / "checkpoints").latest() is not None:
             continue
         overrides = [*overrides, f"train.out_dir={run}", "train.progress=false", "eval.sample_tokens=0",
-                     "train.eval_every=0", "train.ckpt_every=0", *(QUICK_MODEL if quick else [])]
+                     "train.eval_every=0", "train.ckpt_every=0", *(QUICK_MODEL if quick else []), *extra]
         result = stacklm.train(stacklm.Config.load("configs/default.yaml", overrides), overwrite=True,
                                log=lambda m: None)
         print(f"trained {name}: {result.step} steps, validation loss {result.val['loss']:.4f}", flush=True)

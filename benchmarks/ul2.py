@@ -161,13 +161,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/ul2")
     parser.add_argument("--spans", type=int, default=None, help="infilling cases (default 400)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides for every model, e.g. a larger run on a GPU: "
+                        help="config overrides for every model (after --quick's), e.g. a larger run on a GPU: "
                              "--set model.d_model=512 model.n_layers=8 train.steps=20000")
     args = parser.parse_args()
     print(f"machine: {machine()}; load average {load_average()}")
     out = Path(args.out)
-    names = {name: [*overrides, *args.set] for name, overrides in variants().items()}
-    train_variants(out, names, args.quick, args.reuse)
+    names = variants()
+    train_variants(out, names, args.quick, args.reuse, args.set)
     rng = np.random.default_rng(0)
     rows, scores, flops, cases, held_out = [], {}, {}, None, None
     for name in names:

@@ -133,7 +133,8 @@ class DenoisingConfig(ComponentConfig):
 
     pack: bool = option(True, help="encoder-decoder: put several examples in one row (each reads "
                         "only its own input), so that short inputs and targets waste no padding; "
-                        "needs full decoder attention and relative positions, padded otherwise")
+                        "needs full decoder attention, relative positions and per-position q/k/v "
+                        "projections, padded otherwise (docs/ul2.md)")
 
 
 @dataclasses.dataclass
@@ -317,7 +318,7 @@ class Denoising(Objective):
         after the other on both sides, and `segments` (R, T) and `encoder_segments` (R, S) number
         them 1, 2, ... in the row (0: padding). The model lets each decoder segment attend only
         within itself and to its own encoder segment, so the loss and its gradient are those of
-        the padded batch."""
+        the padded batch (MoE layers aside: they route the two layouts differently)."""
         encoder = np.full((len(rows), width_enc), self.pad_id, dtype=np.int64)
         encoder_segments = np.zeros((len(rows), width_enc), dtype=np.int64)
         idx = np.full((len(rows), width_dec), self.pad_id, dtype=np.int64)
