@@ -288,7 +288,7 @@ class Denoising(Objective):
         tokens = torch.from_numpy(np.stack([e[0] for e in examples]).astype(np.int64))
         loss = torch.from_numpy(np.stack([e[2] for e in examples]))
         prefix = torch.tensor([e[1] for e in examples])
-        targets = tokens[:, 1:].masked_fill(~loss[:, 1:], -100)
+        targets = tokens[:, 1:].masked_fill(~loss[:, 1:], IGNORE_INDEX)
         device = batch.device
         return {"idx": tokens[:, :-1].to(device), "targets": targets.to(device), "prefix": prefix.to(device)}
 
@@ -308,7 +308,7 @@ class Denoising(Objective):
         lengths = torch.tensor([len(e[0]) for e in examples])
         decoder_lengths = torch.tensor([len(e[1]) for e in examples])
         real = torch.arange(decoder.size(1) - 1)[None, :] < (decoder_lengths[:, None] - 1)
-        targets = decoder[:, 1:].masked_fill(~real, -100)
+        targets = decoder[:, 1:].masked_fill(~real, IGNORE_INDEX)
         return {"idx": decoder[:, :-1].to(device), "targets": targets.to(device),
                 "encoder_ids": encoder.to(device), "encoder_lengths": lengths.to(device)}
 
